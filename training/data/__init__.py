@@ -1,0 +1,1 @@
+"""VinDr-SpineXR data: the real layout reader, the synthetic generator, splits and the training cache."""
