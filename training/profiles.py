@@ -1,0 +1,208 @@
+"""Training profiles: the paper's recipe, a CPU demo profile and a tiny test profile.
+
+All three run the same code; only these numbers differ. ``paper`` is the seed recipe exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from spine_edge.constants import PAPER_ENSEMBLE_WEIGHTS, PAPER_THRESHOLD
+
+
+@dataclass(frozen=True)
+class ClassifierRecipe:
+    """How one DERNet member is trained.
+
+    Attributes:
+        arch: timm model name.
+        input_size: Final square input side.
+        batch_size: Mini-batch size.
+        epochs: Maximum epochs.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        t_max: CosineAnnealingLR period in epochs.
+        patience: Early-stopping patience on validation AUROC (epochs).
+        hflip_p: Horizontal-flip probability.
+        rotation_deg: Maximum absolute rotation.
+        color_jitter: Brightness/contrast jitter strength.
+        blur_p: Gaussian-blur probability.
+        progressive_sizes: Input sides used in successive equal parts of training
+            (EfficientNetV2-S: 128 → 256 → 384); empty for a fixed size.
+    """
+
+    arch: str
+    input_size: int
+    batch_size: int
+    epochs: int
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    t_max: int = 60
+    patience: int = 10
+    hflip_p: float = 0.5
+    rotation_deg: float = 15.0
+    color_jitter: float = 0.2
+    blur_p: float = 0.2
+    progressive_sizes: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DetectorRecipe:
+    """How the YOLO11 detector is trained (ultralytics arguments plus our three additions).
+
+    Attributes:
+        model: ultralytics model YAML (built from scratch, nothing downloaded).
+        imgsz: Nominal training/inference size.
+        epochs: Training epochs.
+        batch: Mini-batch size.
+        nbs: Nominal batch size; ultralytics accumulates gradients to reach it (48 = 12 x 4).
+        optimizer: Named explicitly: ``auto`` would ignore lr0.
+        lr0: Initial learning rate.
+        lrf: Final learning rate fraction.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        cos_lr: Cosine learning-rate decay.
+        warmup_epochs: Linear warm-up epochs.
+        mosaic: Mosaic probability.
+        close_mosaic: Epochs at the end without mosaic (0 keeps mosaic to the end).
+        hsv_h: Hue jitter.
+        hsv_s: Saturation jitter.
+        hsv_v: Value jitter.
+        fliplr: Horizontal-flip probability.
+        multi_scale: ultralytics' multi-scale fraction (0.25 around 640 gives 480–800, the
+            paper's 480–768 set rounded to stride 32).
+        focal_gamma: Focal-loss γ on the classification branch.
+        focal_alpha: Focal-loss α.
+        copy_paste_p: Probability of pasting rare-class lesion crops into a training image.
+        rare_classes: Classes whose lesions are pasted.
+        balanced_sampling: Sample images with weight from 1/sqrt(class frequency) of their boxes.
+        conf: Detector confidence threshold used at inference.
+        iou: NMS IoU threshold used at inference.
+        workers: Dataloader workers.
+    """
+
+    model: str
+    imgsz: int
+    epochs: int
+    batch: int
+    nbs: int
+    optimizer: str = "SGD"
+    lr0: float = 0.01
+    lrf: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    cos_lr: bool = True
+    warmup_epochs: float = 3.0
+    mosaic: float = 0.5
+    close_mosaic: int = 0
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    fliplr: float = 0.5
+    multi_scale: float = 0.25
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    copy_paste_p: float = 0.2
+    rare_classes: tuple[str, ...] = ("Vertebral collapse", "Other lesions")
+    balanced_sampling: bool = True
+    conf: float = 0.25
+    iou: float = 0.65
+    workers: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A complete training setting.
+
+    Attributes:
+        name: Profile name.
+        classifiers: One recipe per ensemble member, in ensemble order.
+        detector: Detector recipe.
+        prepare_long_side: Long side of the PNG cache `data prepare` writes for this profile.
+        ensemble_step: Grid step of the ensemble-weight search.
+        default_weights: Weights used when no validation search is possible.
+        default_threshold: τ used when no validation search is possible.
+    """
+
+    name: str
+    classifiers: tuple[ClassifierRecipe, ...]
+    detector: DetectorRecipe
+    prepare_long_side: int
+    ensemble_step: float = 0.05
+    default_weights: tuple[float, ...] = tuple(PAPER_ENSEMBLE_WEIGHTS.values())
+    default_threshold: float = PAPER_THRESHOLD
+    notes: str = field(default="", compare=False)
+
+    def classifier(self, arch: str) -> ClassifierRecipe:
+        """The recipe of one member by arch name."""
+        for recipe in self.classifiers:
+            if recipe.arch == arch:
+                return recipe
+        raise KeyError(f"profile {self.name!r} has no classifier {arch!r}; it has {[r.arch for r in self.classifiers]}")
+
+
+PAPER = Profile(
+    name="paper",
+    classifiers=(
+        ClassifierRecipe("densenet121", input_size=384, batch_size=32, epochs=60),
+        ClassifierRecipe("tf_efficientnetv2_s", input_size=384, batch_size=24, epochs=60, progressive_sizes=(128, 256, 384)),
+        ClassifierRecipe("resnet50", input_size=384, batch_size=32, epochs=60),
+    ),
+    detector=DetectorRecipe(model="yolo11l.yaml", imgsz=640, epochs=35, batch=12, nbs=48, workers=8),
+    prepare_long_side=1024,
+    notes="The MICCAI 2026 recipe. Needs a GPU.",
+)
+
+CPU = Profile(
+    name="cpu",
+    classifiers=(
+        ClassifierRecipe("densenet121", input_size=128, batch_size=32, epochs=8, t_max=8, patience=4),
+        ClassifierRecipe("tf_efficientnetv2_b0", input_size=128, batch_size=32, epochs=8, t_max=8, patience=4),
+        ClassifierRecipe("resnet18", input_size=128, batch_size=32, epochs=8, t_max=8, patience=4),
+    ),
+    detector=DetectorRecipe(
+        model="yolo11n.yaml", imgsz=320, epochs=10, batch=16, nbs=16, warmup_epochs=1.0, multi_scale=0.0, workers=2
+    ),
+    prepare_long_side=512,
+    notes="Same code as `paper`, lighter members and sizes so the demo trains in minutes on 2 CPU cores.",
+)
+
+TINY = Profile(
+    name="tiny",
+    classifiers=(
+        ClassifierRecipe("resnet10t", input_size=64, batch_size=4, epochs=1, t_max=1, patience=1),
+        ClassifierRecipe("tf_efficientnetv2_b0", input_size=64, batch_size=4, epochs=1, t_max=1, patience=1),
+        ClassifierRecipe("resnet18", input_size=64, batch_size=4, epochs=1, t_max=1, patience=1),
+    ),
+    detector=DetectorRecipe(
+        model="yolo11n.yaml", imgsz=64, epochs=1, batch=4, nbs=4, warmup_epochs=0.0, multi_scale=0.0, workers=0
+    ),
+    prepare_long_side=128,
+    notes="Tests only: proves the code path, not accuracy.",
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (PAPER, CPU, TINY)}
+
+
+def get_profile(name: str) -> Profile:
+    """Look a profile up by name.
+
+    Raises:
+        KeyError: With the list of known profiles.
+    """
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise KeyError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None
+
+
+def with_overrides(recipe: ClassifierRecipe | DetectorRecipe, **changes: Any) -> ClassifierRecipe | DetectorRecipe:
+    """A copy of a recipe with some fields changed (CLI overrides such as --epochs)."""
+    return replace(recipe, **{k: v for k, v in changes.items() if v is not None})
