@@ -307,8 +307,8 @@ def load_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(
-            f"{folder}: no {MANIFEST_NAME} here; point --bundle (or ${BUNDLE_ENV}) at a folder written by "
-            "`spine-edge export`"
+            f"{folder}: no {MANIFEST_NAME} here; pass the bundle folder (--bundle PATH, or the BUNDLE argument "
+            f"of build-engines, or ${BUNDLE_ENV}) of a folder written by `spine-edge export`"
         )
     try:
         data = json.loads(path.read_text())
