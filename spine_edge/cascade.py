@@ -1,0 +1,423 @@
+"""The two-stage cascade: classifier on every image, detector only where the gate opens.
+
+``read → letterbox (classifier size) → classifier (TTA + ensemble + CAM in one graph) → gate at τ
+→ letterbox (detector size, pad 114) → detector → decode + NMS → boxes in original pixels``.
+
+The Python API (a kiosk embeds it) and ``spine-edge infer`` share this one code path.
+
+Reading and letterboxing run in a small thread pool, a bounded number of images ahead of the
+model, so decoding the next batch overlaps inference (ONNX Runtime and TensorRT release the GIL)
+while memory stays flat. Measured here: PNG decoding (OpenCV) releases the GIL, but the JPEG 2000
+decoder pydicom uses for VinDr-SpineXR files (pylibjpeg-openjpeg) holds it for the whole decode, so
+two JPEG 2000 files never decode at once; OpenCV decodes the same codestream bit-exactly with the
+GIL released, which is the fix (in the reader) rather than processes here.
+
+Model calls take one lock: a :class:`Cascade` may be shared by threads (e.g. a kiosk's worker and
+a UI thread), which then take turns on the backends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from spine_edge.backends import Backend, BackendChoice, ModelSelection, PrecisionChoice, create_backend, select_model
+from spine_edge.backends.onnxruntime import ProviderChoice
+from spine_edge.bundle import Manifest, TensorSpec, default_bundle_path, load_manifest
+from spine_edge.errors import BackendError, BundleError, ImageReadError
+# The reader's own 16-bit mapping, so an array handed in by a kiosk looks like the same image read
+# from a 16-bit PNG (imageio keeps it private; see the report to make it public).
+from spine_edge.imageio import gray_to_uint8, read_image
+from spine_edge.postprocess import decode_yolo
+from spine_edge.preprocess import Letterbox, letterbox
+from spine_edge.results import CascadeResult, Detection, StageLatency
+
+if TYPE_CHECKING:
+    from typing import Self
+
+log = logging.getLogger(__name__)
+
+#: What ``predict`` accepts: a file path, or a 2-D uint8/uint16 grayscale image (bone bright).
+Source = str | os.PathLike[str] | np.ndarray
+
+#: ``source`` recorded for in-memory images.
+ARRAY_SOURCE = "<array>"
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """How to build and run a :class:`Cascade`.
+
+    Attributes:
+        bundle: The bundle folder.
+        precision: ``fp32``, ``fp16``, ``int8`` or ``auto`` (see :mod:`spine_edge.backends`).
+        backend: ``onnxruntime``, ``tensorrt`` or ``auto``.
+        provider: ONNX Runtime provider (``cpu``, ``cuda``, ``tensorrt``), None for automatic.
+        batch_size: Images per model call (capped by each graph's maximum batch).
+        force_detector: Run the detector on every image, whatever the gate says (evaluation).
+        heatmaps: Keep the classifier's class-activation map in results.
+        read_workers: Threads that read and letterbox images ahead of the model.
+        threads: ONNX Runtime intra-op threads (None: the cores available).
+    """
+
+    bundle: Path
+    precision: PrecisionChoice = "auto"
+    backend: BackendChoice = "auto"
+    provider: ProviderChoice | None = None
+    batch_size: int = 4
+    force_detector: bool = False
+    heatmaps: bool = True
+    read_workers: int = 2
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.read_workers < 1:
+            raise ValueError(f"read_workers must be at least 1, got {self.read_workers}")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One input after reading and classifier letterboxing (or the reason it failed)."""
+
+    source: str
+    read_ms: float
+    preprocess_ms: float = 0.0
+    image: np.ndarray | None = None
+    canvas: np.ndarray | None = None
+    letterbox: Letterbox | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """A backend with the manifest tensors the cascade feeds and reads."""
+
+    backend: Backend
+    selection: ModelSelection
+    input_name: str
+    size: int
+    pad_value: int
+    batch: int  # images per call: the configured batch capped by the graph's maximum
+
+
+def _output_by_rank(outputs: tuple[TensorSpec, ...], rank: int, role: str, what: str) -> str:
+    for spec in outputs:
+        if len(spec.shape) == rank:
+            return spec.name
+    raise BundleError(f"the {role} graph has no {what} output of rank {rank} (outputs: {[s.name for s in outputs]}); re-export the bundle")
+
+
+def _graph(backend: Backend, selection: ModelSelection, size: int, pad_value: int, batch: int) -> _Graph:
+    """Check a loaded graph against the manifest and cap the batch at what it accepts."""
+    specs = backend.input_specs()
+    role = selection.entry.role
+    if len(specs) != 1:
+        raise BundleError(f"the {role} graph has inputs {sorted(specs)}, expected one image input; re-export the bundle")
+    name, spec = next(iter(specs.items()))
+    if len(spec.shape) != 4 or any(isinstance(d, int) and d != size for d in spec.shape[2:]):
+        raise BundleError(
+            f"the {role} graph takes {spec.shape}, the manifest says [N, 1, {size}, {size}]; re-export the bundle"
+        )
+    cap = backend.max_batch
+    return _Graph(backend, selection, name, size, pad_value, min(batch, cap) if cap else batch)
+
+
+def _array_image(array: np.ndarray) -> np.ndarray:
+    if array.ndim != 2 or array.size == 0 or array.dtype not in (np.uint8, np.uint16):
+        raise ImageReadError(
+            ARRAY_SOURCE,
+            f"expected a 2-D uint8 or uint16 grayscale image, got {array.dtype} with shape {array.shape}",
+            "pass the radiograph as one grayscale channel, bone bright",
+        )
+    return gray_to_uint8(array)
+
+
+def _prepare(source: Source, size: int, pad_value: int) -> _Prepared:
+    """Read one input and letterbox it for the classifier; never raises for a bad input."""
+    name = ARRAY_SOURCE if isinstance(source, np.ndarray) else str(source)
+    start = time.perf_counter()
+    try:
+        image = _array_image(source) if isinstance(source, np.ndarray) else read_image(source).image
+    except ImageReadError as exc:
+        reason = exc.reason + (f" ({exc.hint})" if exc.hint else "")
+        return _Prepared(name, (time.perf_counter() - start) * 1e3, error=reason)
+    except Exception as exc:  # a decoder's own bug must cost one record, not the whole run
+        log.exception("%s: unexpected error while reading", name)
+        return _Prepared(name, (time.perf_counter() - start) * 1e3, error=f"unexpected {type(exc).__name__}: {exc}")
+    read_done = time.perf_counter()
+    canvas, placement = letterbox(image, size, pad_value)
+    return _Prepared(
+        name,
+        (read_done - start) * 1e3,
+        (time.perf_counter() - read_done) * 1e3,
+        image=image,
+        canvas=canvas,
+        letterbox=placement,
+    )
+
+
+class Cascade:
+    """Classifier → gate → detector over a bundle, on ONNX Runtime or TensorRT.
+
+    Build it with :meth:`from_bundle`; it holds both graphs loaded until :meth:`close` (or the end of
+    a ``with`` block).
+
+    Example:
+        >>> with Cascade.from_bundle("runs/bundle", precision="fp32") as cascade:  # doctest: +SKIP
+        ...     result = cascade.predict("study/image.dicom")
+        ...     result.decision, [d.class_name for d in result.detections]
+        (True, ['Osteophytes'])
+    """
+
+    def __init__(self, config: CascadeConfig, manifest: Manifest, classifier: _Graph, detector: _Graph) -> None:
+        self.config = config
+        self.manifest = manifest
+        self._classifier = classifier
+        self._detector = detector
+        self._lock = threading.Lock()
+        self._closed = False
+        self._prob_name = _output_by_rank(classifier.selection.entry.outputs, 1, "classifier", "probability [N]")
+        self._cam_name = _output_by_rank(classifier.selection.entry.outputs, 3, "classifier", "CAM [N, H, W]")
+        self._raw_name = _output_by_rank(detector.selection.entry.outputs, 3, "detector", "yolo_raw [N, 4 + C, A]")
+        channels = next(s.shape[1] for s in detector.selection.entry.outputs if s.name == self._raw_name)
+        if isinstance(channels, int) and channels != 4 + len(manifest.detector.class_names):
+            raise BundleError(
+                f"the detector outputs {channels} channels, the manifest names {len(manifest.detector.class_names)} "
+                "classes (expects 4 + classes); re-export the bundle"
+            )
+        precisions = {classifier.selection.precision, detector.selection.precision}
+        self.precision = (
+            precisions.pop()
+            if len(precisions) == 1
+            else f"classifier={classifier.selection.precision},detector={detector.selection.precision}"
+        )
+        backends = {classifier.backend.describe(), detector.backend.describe()}
+        self.backend = (
+            backends.pop() if len(backends) == 1 else f"classifier={classifier.backend.describe()},detector={detector.backend.describe()}"
+        )
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | Path | None = None,
+        precision: PrecisionChoice = "auto",
+        backend: BackendChoice = "auto",
+        provider: ProviderChoice | None = None,
+        batch_size: int = 4,
+        force_detector: bool = False,
+        heatmaps: bool = True,
+        read_workers: int = 2,
+        threads: int | None = None,
+    ) -> Cascade:
+        """Load a bundle's classifier and detector (see :class:`CascadeConfig` for the arguments).
+
+        ``path`` defaults to ``$SPINE_EDGE_BUNDLE`` or ``runs/bundle``. Only the two files that will
+        run are hashed, not the whole bundle.
+
+        Raises:
+            BundleError: Missing/corrupt bundle, or no file for the requested precision/backend.
+            BackendError: The inference library cannot load or run the graph here.
+            MissingDependencyError: The chosen library is not installed.
+        """
+        config = CascadeConfig(
+            bundle=Path(path) if path is not None else default_bundle_path(),
+            precision=precision,
+            backend=backend,
+            provider=provider,
+            batch_size=batch_size,
+            force_detector=force_detector,
+            heatmaps=heatmaps,
+            read_workers=read_workers,
+            threads=threads,
+        )
+        return cls.from_config(config)
+
+    @classmethod
+    def from_config(cls, config: CascadeConfig) -> Cascade:
+        """Load a bundle as :meth:`from_bundle` does, from a :class:`CascadeConfig`."""
+        manifest = load_manifest(config.bundle, verify=False)
+        backends: list[Backend] = []
+        graphs: list[_Graph] = []
+        try:
+            for role, size, pad in (
+                ("classifier", manifest.classifier.input_size, manifest.classifier.pad_value),
+                ("detector", manifest.detector.input_size, manifest.detector.pad_value),
+            ):
+                selection = select_model(manifest, role, config.precision, config.backend, config.provider)  # type: ignore[arg-type]
+                backends.append(create_backend(config.bundle, manifest, selection, threads=config.threads))
+                graphs.append(_graph(backends[-1].activate(), selection, size, pad, config.batch_size))
+            return cls(config, manifest, graphs[0], graphs[1])
+        except BaseException:
+            for backend in backends:
+                backend.deactivate()
+            raise
+
+    @property
+    def threshold(self) -> float:
+        """The gate τ: an image is positive when its probability is at least this."""
+        return self.manifest.classifier.threshold
+
+    def close(self) -> None:
+        """Release both graphs (idempotent)."""
+        with self._lock:
+            self._closed = True
+            self._classifier.backend.deactivate()
+            self._detector.backend.deactivate()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def warmup(self) -> None:
+        """Run each graph once at batch 1 and at the full batch, so the first real image is not slow."""
+        for graph in (self._classifier, self._detector):
+            for n in sorted({1, graph.batch}):
+                blank = np.full((n, 1, graph.size, graph.size), graph.pad_value, np.uint8)
+                with self._lock:
+                    self._require_open()
+                    graph.backend.infer({graph.input_name: blank})
+
+    def predict(self, source: Source) -> CascadeResult:
+        """Run the cascade on one image (path, or 2-D uint8/uint16 array). Never raises for a bad image.
+
+        Returns:
+            The result; ``status == "error"`` with the reason when the image could not be read.
+        """
+        read = _prepare(source, self._classifier.size, self._classifier.pad_value)
+        return self._run_batch([read])[0]
+
+    def predict_many(self, sources: Iterable[Source], prefetch: int | None = None) -> Iterator[CascadeResult]:
+        """Run the cascade on many images, in batches, yielding results in input order.
+
+        Args:
+            sources: Paths or arrays; consumed lazily.
+            prefetch: Images read ahead of the model (default: two batches). Bounds memory.
+
+        Yields:
+            One result per source, errors included.
+        """
+        batch = self._classifier.batch
+        ahead = max(batch, prefetch if prefetch is not None else 2 * batch)
+        size, pad = self._classifier.size, self._classifier.pad_value
+        pool = ThreadPoolExecutor(max_workers=self.config.read_workers, thread_name_prefix="spine-edge-read")
+        pending: deque[Future[_Prepared]] = deque()
+        remaining = iter(sources)
+        done = object()
+
+        def top_up() -> None:
+            while len(pending) < ahead:
+                source = next(remaining, done)
+                if source is done:
+                    return
+                pending.append(pool.submit(_prepare, source, size, pad))  # type: ignore[arg-type]
+
+        try:
+            top_up()
+            while pending:
+                ready = [pending.popleft().result() for _ in range(min(batch, len(pending)))]
+                # Refill before running the model, so the next reads overlap this batch's inference.
+                top_up()
+                yield from self._run_batch(ready)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise BackendError("this Cascade is closed: create a new one with Cascade.from_bundle()")
+
+    def _infer_chunks(self, graph: _Graph, canvases: list[np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """Run a graph over canvases in chunks of its batch; returns stacked outputs and milliseconds."""
+        parts: list[dict[str, np.ndarray]] = []
+        with self._lock:
+            self._require_open()
+            start = time.perf_counter()  # after the lock: another thread's turn is not this batch's latency
+            for i in range(0, len(canvases), graph.batch):
+                chunk = np.stack(canvases[i : i + graph.batch])[:, None]
+                parts.append(graph.backend.infer({graph.input_name: chunk}))
+        elapsed = (time.perf_counter() - start) * 1e3
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}, elapsed
+
+    def _detect(self, ok: list[_Prepared], gated: list[int]) -> tuple[dict[int, tuple[Detection, ...]], float, float, float]:
+        """Detector over ``ok[i] for i in gated``: detections by index, and preprocess/detector/postprocess ms."""
+        if not gated:
+            return {}, 0.0, 0.0, 0.0
+        graph, info = self._detector, self.manifest.detector
+        start = time.perf_counter()
+        placed = [letterbox(ok[i].image, graph.size, graph.pad_value) for i in gated]  # type: ignore[arg-type]
+        pre_ms = (time.perf_counter() - start) * 1e3
+        outputs, det_ms = self._infer_chunks(graph, [canvas for canvas, _ in placed])
+        start = time.perf_counter()
+        decoded = decode_yolo(outputs[self._raw_name], info.conf_threshold, info.iou_threshold, info.max_det)
+        found: dict[int, tuple[Detection, ...]] = {}
+        for i, (_, placement), dets in zip(gated, placed, decoded, strict=True):
+            boxes = placement.boxes_to_source(dets.boxes)
+            found[i] = tuple(
+                Detection(int(c), info.class_names[c], float(s), tuple(float(v) for v in box))  # type: ignore[arg-type]
+                for box, s, c in zip(boxes, dets.scores, dets.class_ids, strict=True)
+            )
+        return found, pre_ms, det_ms, (time.perf_counter() - start) * 1e3
+
+    def _run_batch(self, items: list[_Prepared]) -> list[CascadeResult]:
+        base = {
+            "threshold": self.threshold,
+            "bundle_id": self.manifest.bundle_id,
+            "precision": self.precision,
+            "backend": self.backend,
+        }
+        ok = [p for p in items if p.error is None]
+        outcome: dict[int, CascadeResult] = {}
+        if ok:
+            outputs, cls_ms = self._infer_chunks(self._classifier, [p.canvas for p in ok])  # type: ignore[misc]
+            probs = outputs[self._prob_name].astype(np.float64)
+            cams = outputs[self._cam_name] if self.config.heatmaps else None
+            finite = np.isfinite(probs)
+            gated = [i for i, prob in enumerate(probs) if finite[i] and (self.config.force_detector or prob >= self.threshold)]
+            detections, det_pre_ms, det_ms, post_ms = self._detect(ok, gated)
+            for i, item in enumerate(ok):
+                if not finite[i]:
+                    continue  # reported as an error below
+                ran = i in detections
+                latency = StageLatency(
+                    read=item.read_ms,
+                    preprocess=item.preprocess_ms + (det_pre_ms / len(gated) if ran else 0.0),
+                    classifier=cls_ms / len(ok),
+                    detector=det_ms / len(gated) if ran else None,
+                    postprocess=post_ms / len(gated) if ran else 0.0,
+                )
+                assert item.image is not None
+                outcome[id(item)] = CascadeResult(
+                    source=item.source,
+                    status="ok",
+                    probability=float(probs[i]),
+                    decision=bool(probs[i] >= self.threshold),
+                    detector_ran=ran,
+                    detections=detections.get(i, ()),
+                    image_size=(int(item.image.shape[0]), int(item.image.shape[1])),
+                    latency_ms=latency,
+                    image=item.image,
+                    cam=None if cams is None else cams[i],
+                    letterbox=item.letterbox,
+                    **base,
+                )
+        return [outcome[id(item)] if id(item) in outcome else self._error(item, base) for item in items]
+
+    def _error(self, item: _Prepared, base: dict[str, object]) -> CascadeResult:
+        reason = item.error or (
+            f"the classifier returned a non-finite probability for this image; the {self.precision} model misbehaves "
+            "on it: compare with --precision fp32"
+        )
+        return CascadeResult(source=item.source, status="error", error=reason, latency_ms=StageLatency(read=item.read_ms), **base)  # type: ignore[arg-type]

@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spine_edge.backends import create_backend, open_backend, select_model
+from spine_edge.backends.cuda import GpuInfo
+from spine_edge.backends.onnxruntime import OnnxRuntimeBackend, check_providers, resolve_providers
+from spine_edge.backends.tensorrt import TensorRTBackend, check_plan_compatible
+from spine_edge.bundle import BuildInfo, Manifest, ModelEntry, TensorSpec, load_manifest, sha256_file
+from spine_edge.errors import BackendError, BundleError, MissingDependencyError
+from tests.spine_edge.bundle_factory import make_bundle, reference_classifier, reference_detector
+
+CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle"), with_optimized=True)
+
+
+def _batch(n: int = 3, size: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 120, (n, 1, size, size), dtype=np.uint8)
+    x[0, :, 8:24, 40:56] = 250  # one bright region: abnormal
+    return x
+
+
+def test_onnxruntime_backend_runs_the_graph(bundle: Path) -> None:
+    x = _batch()
+    with OnnxRuntimeBackend(bundle / "classifier.fp32.onnx", provider="cpu") as backend:
+        assert backend.input_specs() == {"image": TensorSpec("image", ("batch", 1, 64, 64), "uint8")}
+        assert backend.output_names == ("prob", "cam")
+        assert backend.provider == CPU and backend.describe() == "onnxruntime/CPUExecutionProvider"
+        assert backend.max_batch is None
+        assert backend.threads == len(os.sched_getaffinity(0))
+        out = backend.infer({"image": x})
+    prob, cam = reference_classifier(x[:, 0], grid=8)
+    np.testing.assert_allclose(out["prob"], prob, rtol=1e-5)
+    np.testing.assert_allclose(out["cam"], cam, atol=1e-6)
+    assert out["prob"][0] > 0.99 and out["prob"][1] < 0.5
+
+
+def test_backend_checks_state_and_feeds(bundle: Path) -> None:
+    backend = OnnxRuntimeBackend(bundle / "detector.fp32.onnx", provider="cpu")
+    with pytest.raises(BackendError, match="active backend"):
+        backend.infer({"images": _batch()})
+    with backend:
+        with pytest.raises(BackendError, match="missing inputs"):
+            backend.infer({"image": _batch()})
+        with pytest.raises(BackendError, match="dtype float32"):
+            backend.infer({"images": _batch().astype(np.float32)})
+        raw = backend.infer({"images": _batch()})["yolo_raw"]
+    assert not backend.is_active
+    np.testing.assert_allclose(raw, reference_detector(_batch()[:, 0], grid=4), atol=1e-4)
+
+
+def test_missing_model_file_is_a_backend_error(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="model file not found"):
+        OnnxRuntimeBackend(tmp_path / "nope.onnx").activate()
+
+
+def test_provider_resolution() -> None:
+    assert resolve_providers(None, ["AzureExecutionProvider", CPU]) == [CPU]
+    assert resolve_providers(None, [CPU, CUDA, TRT]) == [TRT, CUDA, CPU]
+    assert resolve_providers("cuda", [TRT, CUDA, CPU]) == [CUDA, CPU]
+    assert resolve_providers("cpu", [TRT, CUDA, CPU]) == [CPU]
+    with pytest.raises(BackendError, match=r"spine-edge\[gpu-ort\]"):
+        resolve_providers("cuda", [CPU])
+    with pytest.raises(BackendError, match="unknown provider"):
+        resolve_providers("rocm", [CPU])  # type: ignore[arg-type]
+
+
+def test_silent_cpu_fallback_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    path = Path("classifier.onnx")
+    with pytest.raises(BackendError, match="CUDAExecutionProvider did not start.*--provider cpu"):
+        check_providers(path, [CUDA, CPU], [CPU], explicit=True)
+    with caplog.at_level(logging.WARNING):
+        assert check_providers(path, [TRT, CUDA, CPU], [CPU], explicit=False) == CPU
+    assert "TensorrtExecutionProvider did not start" in caplog.text
+    assert check_providers(path, [CUDA, CPU], [CUDA, CPU], explicit=True) == CUDA
+
+
+def test_optimized_file_is_preferred_when_built_here(bundle: Path) -> None:
+    manifest = load_manifest(bundle)
+    selection = select_model(manifest, "classifier", "auto", "auto", "cpu")
+    assert selection.entry.format == "onnx-optimized" and selection.pre_optimized
+    assert selection.precision == "fp32"
+    x = _batch()
+    with create_backend(bundle, manifest, selection) as backend:
+        np.testing.assert_allclose(backend.infer({"image": x})["prob"], reference_classifier(x[:, 0], 8)[0], rtol=1e-5)
+
+
+def test_optimized_file_from_another_onnxruntime_falls_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bundle = make_bundle(tmp_path, with_optimized=True, optimized_version="0.0.1")
+    with caplog.at_level(logging.WARNING):
+        selection = select_model(load_manifest(bundle), "detector", "fp32", "onnxruntime", None)
+    assert selection.entry.format == "onnx" and not selection.pre_optimized
+    assert "onnxruntime 0.0.1" in caplog.text and "build-engines" in caplog.text
+
+
+def test_selection_errors_name_what_is_missing(bundle: Path) -> None:
+    manifest = load_manifest(bundle)
+    with pytest.raises(BundleError, match="no classifier TensorRT plan.*build-engines"):
+        select_model(manifest, "classifier", "fp16", "tensorrt")
+    with pytest.raises(BundleError, match="no detector ONNX file at precision int8.*it has: fp32 onnx"):
+        select_model(manifest, "detector", "int8", "onnxruntime", "cpu")
+
+
+def test_altered_model_file_is_refused(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path)
+    manifest = load_manifest(bundle)
+    (bundle / "detector.fp32.onnx").write_bytes((bundle / "detector.fp32.onnx").read_bytes() + b"\0")
+    open_backend(bundle, manifest, "classifier", "fp32", "onnxruntime")  # the untouched file still opens
+    with pytest.raises(BundleError, match="does not match the manifest"):
+        open_backend(bundle, manifest, "detector", "fp32", "onnxruntime")
+
+
+def _plan_build(**changes: object) -> BuildInfo:
+    build = BuildInfo(
+        builder="tensorrt",
+        builder_version="10.13.3.9",
+        device="NVIDIA GeForce RTX 3050",
+        compute_capability="8.6",
+        source="classifier.fp32.onnx",
+        max_batch=8,
+    )
+    return replace(build, **changes)  # type: ignore[arg-type]
+
+
+def test_plan_compatibility_check() -> None:
+    gpu = GpuInfo("NVIDIA GeForce RTX 3050", "8.6")
+    plan, bundle = Path("runs/bundle/classifier.fp16.plan"), Path("runs/bundle")
+    check_plan_compatible(plan, _plan_build(), gpu, "10.13.3.9", bundle)
+    cases = {
+        "TensorRT 10.13.3.9, this box has TensorRT 10.14.1": (_plan_build(), gpu, "10.14.1"),
+        r"built for NVIDIA GeForce RTX 3050 \(compute capability 8.6\), this box has NVIDIA A2 \(compute capability 8.6\)": (
+            _plan_build(),
+            GpuInfo("NVIDIA A2", "8.6"),
+            "10.13.3.9",
+        ),
+        r"compute capability 8.9\)": (_plan_build(), GpuInfo("NVIDIA GeForce RTX 3050", "8.9"), "10.13.3.9"),
+        "no TensorRT build record": (None, gpu, "10.13.3.9"),
+    }
+    for pattern, (build, here, version) in cases.items():
+        with pytest.raises(BundleError, match=pattern) as info:
+            check_plan_compatible(plan, build, here, version, bundle)
+        assert "spine-edge build-engines runs/bundle" in str(info.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_tensorrt_backend_without_tensorrt_names_the_extra(tmp_path: Path) -> None:
+    with pytest.raises(MissingDependencyError, match=r"spine-edge\[gpu\]"):
+        TensorRTBackend(tmp_path / "x.plan", _plan_build(), tmp_path).activate()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cuda") is None or shutil.which("nvidia-smi") is not None,
+    reason="needs cuda-bindings installed on a box without an NVIDIA driver",
+)
+def test_cuda_binding_without_driver_is_a_clear_error() -> None:
+    from spine_edge.backends.cuda import load_cuda
+
+    with pytest.raises(BackendError, match="CUDA .* failed: .*nvidia-smi"):
+        load_cuda()
+
+
+@pytest.mark.gpu
+def test_tensorrt_backend_matches_the_reference(tmp_path: Path) -> None:
+    import tensorrt as trt
+
+    from spine_edge.backends.cuda import load_cuda
+
+    bundle = make_bundle(tmp_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse((bundle / "classifier.fp32.onnx").read_bytes()), parser.get_error(0)
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("image", (1, 1, 64, 64), (2, 1, 64, 64), (4, 1, 64, 64))
+    config.add_optimization_profile(profile)
+    plan = bundle / "classifier.fp32.plan"
+    plan.write_bytes(bytes(builder.build_serialized_network(network, config)))
+    gpu = load_cuda().device_info(0)
+    build = _plan_build(builder_version=trt.__version__, device=gpu.name, compute_capability=gpu.compute_capability, max_batch=4)
+    x = _batch(3)
+    with TensorRTBackend(plan, build, bundle) as backend:
+        assert backend.input_specs()["image"].shape == ("batch", 1, 64, 64)
+        assert backend.max_batch == 4 and backend.provider == gpu.name
+        first = backend.infer({"image": x})
+        second = backend.infer({"image": x[:1]})  # smaller batch reuses the same buffers
+    prob, cam = reference_classifier(x[:, 0], 8)
+    np.testing.assert_allclose(first["prob"], prob, rtol=1e-3)
+    np.testing.assert_allclose(first["cam"], cam, atol=1e-3)
+    np.testing.assert_allclose(second["prob"], prob[:1], rtol=1e-3)
+
+
+def _with_plans(bundle: Path, precisions: tuple[str, ...]) -> Manifest:
+    """The bundle's manifest plus TensorRT plan entries (never activated here: selection only)."""
+    manifest = load_manifest(bundle)
+    plans = []
+    for precision in precisions:
+        path = bundle / f"classifier.{precision}.plan"
+        path.write_bytes(precision.encode())
+        plans.append(
+            ModelEntry(
+                role="classifier", precision=precision, format="tensorrt", file=path.name,  # type: ignore[arg-type]
+                sha256=sha256_file(path), inputs=manifest.models[0].inputs, outputs=manifest.models[0].outputs,
+                build=_plan_build(),
+            )
+        )
+    return manifest.with_models((*manifest.models, *plans))
+
+
+def test_tensorrt_auto_precision_prefers_fp16(tmp_path: Path) -> None:
+    manifest = _with_plans(make_bundle(tmp_path), ("fp32", "int8", "fp16"))
+    assert select_model(manifest, "classifier", "auto", "tensorrt").entry.precision == "fp16"
+    assert select_model(manifest, "classifier", "int8", "tensorrt").entry.file == "classifier.int8.plan"
+    assert select_model(manifest, "detector", "auto", "onnxruntime", "cpu").entry.precision == "fp32"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_auto_backend_without_tensorrt_runs_plans_bundle_on_onnxruntime(tmp_path: Path) -> None:
+    manifest = _with_plans(make_bundle(tmp_path), ("fp16",))
+    selection = select_model(manifest, "classifier", "auto", "auto", "cpu")
+    assert (selection.backend, selection.entry.format, selection.precision) == ("onnxruntime", "onnx", "fp32")
