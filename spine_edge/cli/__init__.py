@@ -40,9 +40,11 @@ def fail(exc: SpineEdgeError, code: int = EXIT_SETUP) -> None:
 
 
 def _register() -> None:
-    from spine_edge.cli import data
+    from spine_edge.cli import build, data, infer
 
     main.add_command(data.data)
+    main.add_command(build.build_engines)
+    main.add_command(infer.infer)
 
 
 _register()
