@@ -11,6 +11,7 @@ import click
 
 from spine_edge.cli import EXIT_SETUP, EXIT_SOME_INPUTS_FAILED, fail
 from spine_edge.errors import MissingDependencyError, SpineEdgeError
+from spine_edge import vindr
 
 _FOLDER = click.Path(file_okay=False, path_type=Path)
 
@@ -53,7 +54,6 @@ def check(vindr_root: Path) -> None:
     problems with single rows or files are listed, and the exit code stays 0.
     """
     try:
-        vindr = _import_training("training.data.vindr", "Checking a dataset")
         summary = vindr.summarize_dataset(vindr.read_vindr(vindr_root))
     except SpineEdgeError as exc:
         fail(exc, EXIT_SETUP)

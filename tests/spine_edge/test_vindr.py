@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from spine_edge.constants import ANNOTATION_COLUMNS, CLASS_NAMES
 from spine_edge.errors import DatasetError
-from training.data.vindr import (
+from spine_edge.vindr import (
     Box,
     ProblemKind,
     format_summary,
@@ -238,7 +238,7 @@ def test_summary_counts_and_report(messy) -> None:
 
 
 def test_imbalance_ratio_is_most_over_least_boxes() -> None:
-    from training.data.vindr import SplitSummary
+    from spine_edge.vindr import SplitSummary
 
     boxes = dict.fromkeys(CLASS_NAMES, 10) | {"Osteophytes": 469, "Vertebral collapse": 10}
     split = SplitSummary("train", 1, 0, 1, boxes, dict.fromkeys(CLASS_NAMES, 1))

@@ -11,7 +11,7 @@ import pytest
 from spine_edge.constants import CLASS_NAMES, PAPER_CLASS_FREQUENCY
 from spine_edge.errors import DatasetError
 from training.data.split import split_train_val
-from training.data.vindr import Box, ImageRecord
+from spine_edge.vindr import Box, ImageRecord
 
 VC = CLASS_NAMES.index("Vertebral collapse")
 OL = CLASS_NAMES.index("Other lesions")

@@ -38,7 +38,7 @@ import numpy as np
 
 from spine_edge.constants import CLASS_NAMES
 from spine_edge.errors import DatasetError
-from training.data.vindr import ImageRecord
+from spine_edge.vindr import ImageRecord
 
 #: Label index used for "this study has a normal image", after the lesion class indices.
 NORMAL_LABEL = len(CLASS_NAMES)
