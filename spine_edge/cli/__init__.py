@@ -40,11 +40,16 @@ def fail(exc: SpineEdgeError, code: int = EXIT_SETUP) -> None:
 
 
 def _register() -> None:
-    from spine_edge.cli import build, data, infer
+    from spine_edge.cli import bench, build, data, infer
+    from spine_edge.cli import export as export_cmd
+    from spine_edge.cli import train
 
     main.add_command(data.data)
     main.add_command(build.build_engines)
     main.add_command(infer.infer)
+    main.add_command(bench.bench)
+    main.add_command(export_cmd.export)
+    main.add_command(train.train)
 
 
 _register()

@@ -1,0 +1,88 @@
+"""``spine-edge export``: checkpoints → bundle (ONNX graphs per precision, accuracy report, manifest)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+
+from spine_edge.bundle import default_bundle_path
+from spine_edge.cli import EXIT_GATE_FAILED, EXIT_SETUP, fail
+from spine_edge.errors import MissingDependencyError, SpineEdgeError
+
+
+def _points(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:+.2f}"
+
+
+@click.command("export")
+@click.argument("checkpoints", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", "bundle", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Bundle folder to write (default: $SPINE_EDGE_BUNDLE or runs/bundle).")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Precision to export (repeatable; default all three; fp32 is always written).")
+@click.option("--calib-data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Prepared cache whose train PNGs calibrate INT8 (default: --eval-data).")
+@click.option("--calib-images", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Number of calibration images.")
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True,
+              help="Activation-range calibration.")
+@click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Prepared cache whose val split the accuracy report uses "
+                   "(default: the one recorded in the checkpoints).")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=None, help="Evaluate at most this many images.")
+def export(
+    checkpoints: Path,
+    bundle: Path | None,
+    precisions: tuple[str, ...],
+    calib_data: Path | None,
+    calib_images: int,
+    calib_method: str,
+    eval_data: Path | None,
+    eval_limit: int | None,
+) -> None:
+    """Export CHECKPOINTS (from `spine-edge train`) into a bundle for `build-engines` and `infer`.
+
+    Writes FP32, FP16 and INT8 (TensorRT and ONNX Runtime variants) ONNX graphs, an accuracy report
+    against FP32 and manifest.json. Exits with 4 when a precision misses its accuracy gate (the
+    bundle is still written).
+    """
+    try:
+        from export.pipeline import PRECISIONS, ExportConfig, export_bundle
+    except ImportError as exc:
+        fail(MissingDependencyError(exc.name or "torch", "train", "spine-edge export"), EXIT_SETUP)
+        return
+    config = ExportConfig(
+        precisions=tuple(dict.fromkeys(("fp32", *precisions))) if precisions else PRECISIONS,
+        calib_data=calib_data,
+        eval_data=eval_data,
+        calib_images=calib_images,
+        calib_method=calib_method,  # type: ignore[arg-type]  # click.Choice restricts it
+        eval_limit=eval_limit,
+    )
+    out = bundle if bundle is not None else default_bundle_path()
+    try:
+        report = export_bundle(checkpoints, out, config)
+    except ImportError as exc:
+        fail(MissingDependencyError(exc.name or "torch", "train", "spine-edge export"), EXIT_SETUP)
+        return
+    except SpineEdgeError as exc:
+        fail(exc, EXIT_SETUP)
+        return
+    for path in report.files:
+        click.echo(f"wrote {path}")
+    accuracy = report.accuracy
+    if accuracy is None:
+        click.echo("no accuracy report: pass --eval-data PREPARED to measure the precisions against FP32")
+    else:
+        click.echo(f"FP32: AUROC {accuracy.classifier_fp32.auroc:.4f}, mAP@0.5 {accuracy.detector_fp32.map50:.4f} "
+                   f"on {accuracy.eval_data['images']} images")
+        for row in accuracy.variants:
+            verdict = {True: "gates hold", False: "GATE FAILED", None: "not measurable"}[row.holds]
+            click.echo(f"{row.variant:<9} ΔAUROC {_points(row.delta_auroc_pt):>7} pt  flips {row.flips:>3}  "
+                       f"ΔmAP@0.5 {_points(row.delta_map50_pt):>7} pt  {verdict}")
+    click.echo(f"bundle {out} written in {report.seconds:.0f} s")
+    if report.gates_hold is False:
+        click.echo("error: a precision misses its accuracy gate; see accuracy_report.md", err=True)
+        raise SystemExit(EXIT_GATE_FAILED)

@@ -1,0 +1,232 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from export import precision as prec
+from export.opcheck import check_symmetric_qdq, check_trt_ops
+from export.pipeline import run_graph
+from spine_edge.imageio import read_image
+from spine_edge.preprocess import letterbox
+from tests.export.conftest import EXPORT_SIZE, ExportedGraphs
+
+
+def _val(prepared: Path, n: int, pad: int) -> np.ndarray:
+    paths = sorted((prepared / "images" / "val").glob("*.png"))[:n]
+    return np.stack([letterbox(read_image(p).image, EXPORT_SIZE, pad)[0] for p in paths])[:, None]
+
+
+def _types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
+@pytest.fixture(scope="module")
+def fp16_graphs(export_graphs: ExportedGraphs, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("fp16")
+    return {
+        "classifier": prec.write_fp16_graph(export_graphs.classifier, folder / "classifier.fp16.onnx"),
+        "detector": prec.write_fp16_graph(export_graphs.detector, folder / "detector.fp16.onnx"),
+    }
+
+
+def test_fp16_body_spans_first_to_last_conv(export_graphs: ExportedGraphs) -> None:
+    model = onnx.load(str(export_graphs.classifier))
+    body = prec.fp16_body(model)
+    by_name = {n.name: n for n in model.graph.node}
+    assert {by_name[n].op_type for n in body} >= {"Conv", "Relu", "Add"}
+    outside = {n.op_type for n in model.graph.node if n.name not in body}
+    # preprocessing and the tail stay out: TTA warps, sigmoid / view mean / weighted sum, CAM normalisation
+    assert {"GridSample", "Cast", "Gemm", "ReduceMax"} <= outside
+    for node in model.graph.node:
+        if node.op_type == "Gemm":  # the linear heads follow the last Conv
+            assert node.name not in body
+
+
+def test_fp16_graphs_keep_the_interface_and_sensitive_ops_in_fp32(fp16_graphs: dict[str, Path]) -> None:
+    for role, path in fp16_graphs.items():
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+        assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in model.graph.output)
+        halves = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16]
+        assert len(halves) > 20, role
+        types = _types(model)
+        for node in model.graph.node:
+            if node.op_type in ("GridSample", "Gemm", "ReduceMax"):
+                assert all(types[o] == TensorProto.FLOAT for o in node.output), node.name
+        assert check_trt_ops(path).ok
+    classifier = onnx.load(str(fp16_graphs["classifier"]))
+    types = _types(classifier)
+    # the per-member probability (sigmoid of the logits, then the mean over views) is computed in FP32
+    sigmoids = [n for n in classifier.graph.node if n.op_type == "Sigmoid" and "/members." in n.name and n.name.count("/") == 2]
+    assert sigmoids and all(types[n.output[0]] == TensorProto.FLOAT for n in sigmoids)
+
+
+def test_fp16_graphs_run_on_onnxruntime_cpu_close_to_fp32(
+    export_graphs: ExportedGraphs, fp16_graphs: dict[str, Path], export_prepared: Path
+) -> None:
+    images = _val(export_prepared, 6, 0)
+    ref = run_graph(export_graphs.classifier, images, ["prob", "cam"], 6)
+    got = run_graph(fp16_graphs["classifier"], images, ["prob", "cam"], 6)
+    emulated = run_graph(prec.emulate_fp16(onnx.load(str(fp16_graphs["classifier"]))), images, ["prob"], 6)
+    # Measured on the tiny members: the FP16 file on ORT CPU differs from FP32 by ~1e-5 (ORT runs the
+    # float16 ops in float32, so only the weight rounding shows) and the emulation by ~1e-3.
+    assert np.abs(got["prob"] - ref["prob"]).max() < 2e-3
+    assert np.abs(got["cam"] - ref["cam"]).max() < 2e-2
+    assert 0 < np.abs(emulated["prob"] - ref["prob"]).max() < 1e-2
+    det_images = _val(export_prepared, 4, 114)
+    det_ref = run_graph(export_graphs.detector, det_images, ["yolo_raw"], 4)["yolo_raw"]
+    det_got = run_graph(fp16_graphs["detector"], det_images, ["yolo_raw"], 4)["yolo_raw"]
+    # The random YOLO (BatchNorm statistics of near-zero activations) amplifies rounding far more than a
+    # trained one; measured here: median |Δbox| 1.4e-3 px, 95th percentile 0.27 px, worst anchor 5 px;
+    # mean |Δscore| 6.6e-4.
+    box_error = np.abs(det_got[:, :4] - det_ref[:, :4])
+    assert np.median(box_error) < 0.02 and np.percentile(box_error, 95) < 1.0
+    assert np.abs(det_got[:, 4:] - det_ref[:, 4:]).mean() < 5e-3
+
+
+def _chain(x: np.ndarray) -> tuple[onnx.ModelProto, np.ndarray]:
+    """FP32 graph x → Mul(c) → Sigmoid → Mul(c), with every op in the FP16 body, and the numpy
+    result of running it with float16 tensors between ops and float32 arithmetic inside them."""
+    c = np.array([1.001], np.float32)
+    nodes = [helper.make_node("Mul", ["x", "c"], ["m"], name="mul1"),
+             helper.make_node("Sigmoid", ["m"], ["s"], name="sig"),
+             helper.make_node("Mul", ["s", "c"], ["y"], name="mul2")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                              [numpy_helper.from_array(c, "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    h = np.float16
+    c16 = c.astype(h).astype(np.float32)
+    m = (x.astype(h).astype(np.float32) * c16).astype(h).astype(np.float32)
+    s = (1 / (1 + np.exp(-m))).astype(h).astype(np.float32)
+    return model, (s * c16).astype(h).astype(np.float32)
+
+
+def test_emulation_rounds_every_fp16_tensor_exactly() -> None:
+    x = np.array([0.1234567, 1.7654321, -3.3333, 0.5], np.float32)
+    model, expected = _chain(x)
+    converted = prec.convert_to_fp16(model, {"mul1", "sig", "mul2"})
+    assert [n.op_type for n in converted.graph.node] == ["Cast", "Mul", "Sigmoid", "Mul", "Cast"]
+    emulated = prec.emulate_fp16(converted)
+    got = ort.InferenceSession(emulated.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, expected)
+    fp32 = x * 1.001
+    fp32 = 1.001 / (1 + np.exp(-fp32))
+    assert np.abs(got - fp32).max() > 1e-5  # the rounding is visible, so the equality above means something
+
+
+def test_calibration_reader_streams_runtime_canvases(export_prepared: Path) -> None:
+    paths = prec.select_calibration_images(export_prepared, 5)
+    assert len(paths) == 5 and all(p.parent.name == "train" for p in paths)
+    assert paths == tuple(sorted(paths)) and len(set(paths)) == 5
+    reader = prec.CalibrationImages(paths, "image", EXPORT_SIZE, 114)
+    feeds = []
+    while (feed := reader.get_next()) is not None:
+        feeds.append(feed["image"])
+    assert len(feeds) == 5
+    expected, _ = letterbox(read_image(paths[2]).image, EXPORT_SIZE, 114)
+    assert feeds[2].dtype == np.uint8 and feeds[2].shape == (1, 1, EXPORT_SIZE, EXPORT_SIZE)
+    np.testing.assert_array_equal(feeds[2][0, 0], expected)
+    reader.set_range(3, 10)
+    assert [reader.get_next() is not None for _ in range(3)] == [True, True, False]
+    topped_up = prec.select_calibration_images(export_prepared, 20)  # 12 train images, then val
+    assert len(topped_up) == 20 and sum(p.parent.name == "val" for p in topped_up) == 8
+
+
+@pytest.fixture(scope="module")
+def int8_graphs(export_graphs: ExportedGraphs, export_prepared: Path, tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("int8")
+    paths = prec.select_calibration_images(export_prepared, 6)
+    out = {}
+    for role, fp32, pad in (("classifier", export_graphs.classifier, 0), ("detector", export_graphs.detector, 114)):
+        reader = prec.CalibrationImages(paths, "image", EXPORT_SIZE, pad)
+        calibration = prec.calibrate(fp32, reader, folder / f"{role}.json")
+        body = prec.fp16_body(onnx.load(str(fp32)))
+        for target in ("tensorrt", "onnxruntime"):
+            out[role, target] = prec.quantize_graph(fp32, folder / f"{role}.{target}.onnx", calibration, target, body)
+        out[role, "calibration"] = calibration
+    return out
+
+
+def test_calibration_summary(int8_graphs: dict) -> None:
+    calibration = int8_graphs["classifier", "calibration"]
+    assert calibration.images == 6 and calibration.method == "minmax"
+    assert calibration.seconds > 0 and calibration.peak_rss_mb >= calibration.baseline_rss_mb > 0
+    assert calibration.ranges.is_file()
+
+
+def test_tensorrt_int8_graphs_are_symmetric_int8(int8_graphs: dict) -> None:
+    for role in ("classifier", "detector"):
+        path = int8_graphs[role, "tensorrt"]
+        model = onnx.load(str(path))
+        consts = {t.name: t for t in model.graph.initializer}
+        qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        assert len(qdq) > 50, role
+        for node in qdq:
+            zero_point = consts[node.input[2]]
+            assert zero_point.data_type == TensorProto.INT8, node.name
+            assert not numpy_helper.to_array(zero_point).any(), node.name
+        assert check_symmetric_qdq(path) == ()
+        assert check_trt_ops(path).ok, check_trt_ops(path).summary()
+        assert prec.activation_types(path) == {"int8": prec.activation_types(path)["int8"]}
+
+
+def test_onnxruntime_int8_graphs_use_uint8_activations(int8_graphs: dict) -> None:
+    for role in ("classifier", "detector"):
+        path = int8_graphs[role, "onnxruntime"]
+        counts = prec.activation_types(path)
+        assert counts.get("uint8", 0) > 20 and "int8" not in counts, (role, counts)
+        weights = [t for t in onnx.load(str(path)).graph.initializer if t.data_type == TensorProto.INT8]
+        assert weights, role  # per-channel int8 weights
+        assert check_symmetric_qdq(path)  # asymmetric by design: not a TensorRT graph
+
+
+def test_int8_graphs_run_close_to_fp32(int8_graphs: dict, export_graphs: ExportedGraphs, export_prepared: Path) -> None:
+    images = _val(export_prepared, 8, 0)
+    ref = run_graph(export_graphs.classifier, images, ["prob"], 8)["prob"]
+    for target in ("tensorrt", "onnxruntime"):
+        got = run_graph(int8_graphs["classifier", target], images, ["prob"], 8)["prob"]
+        # Measured on the random tiny members: mean |Δprob| ≈ 0.01–0.02.
+        assert np.abs(got - ref).mean() < 0.05, target
+    keep = {"/members.1/conv_stem/Conv"}
+    calibration = int8_graphs["classifier", "calibration"]
+    body = prec.fp16_body(onnx.load(str(export_graphs.classifier)))
+    partial = prec.quantize_graph(export_graphs.classifier, int8_graphs["classifier", "tensorrt"].with_name("partial.onnx"),
+                                  calibration, "tensorrt", body, keep)
+    names = {n.name for n in onnx.load(str(partial)).graph.node}
+    assert "/members.1/conv_stem/Conv" in names  # excluded nodes keep their FP32 weights and name
+    conv = next(n for n in onnx.load(str(partial)).graph.node if n.name == "/members.1/conv_stem/Conv")
+    assert not conv.input[1].endswith("_DequantizeLinear_Output")
+
+
+def test_percentile_calibration_in_chunks(export_graphs: ExportedGraphs, export_prepared: Path, tmp_path: Path) -> None:
+    paths = prec.select_calibration_images(export_prepared, 6)
+    reader = prec.CalibrationImages(paths, "image", EXPORT_SIZE, 114)
+    minmax = prec.calibrate(export_graphs.detector, reader, tmp_path / "minmax.json", "minmax")
+    reader.rewind()
+    percentile = prec.calibrate(export_graphs.detector, reader, tmp_path / "pct.json", "percentile", chunk=2,
+                                percentile=99.0)
+    assert percentile.method == "percentile" and percentile.images == 6
+    from onnxruntime.quantization import load_tensors_data
+
+    lo, hi = load_tensors_data(minmax.ranges), load_tensors_data(percentile.ranges)
+    assert hi.calibration_method != lo.calibration_method
+    # Percentile ranges lie inside the min-max ranges of the same activations, and are narrower for many.
+    narrower = 0
+    for name, bounds in lo.data.items():
+        low, high = (float(np.ravel(v)[0]) for v in bounds.range_value)
+        p_low, p_high = (float(np.ravel(v)[0]) for v in hi.data[name].range_value)
+        slack = 1e-3 * (high - low) + 1e-6
+        assert low - slack <= p_low and p_high <= high + slack, name
+        narrower += (p_high - p_low) < 0.9 * (high - low)
+    assert narrower > 10
