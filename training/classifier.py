@@ -45,7 +45,15 @@ from training.checkpoints import (
     train_state_path,
 )
 from training.datasets import ClassificationDataset, ClassificationItem, GrayAugment, read_prepared
-from training.models import DataConfig, GrayToModelInput, TTAClassifier, build_backbone, count_parameters, resolve_data_config
+from training.models import (
+    DataConfig,
+    GrayToModelInput,
+    TTAClassifier,
+    build_backbone,
+    count_parameters,
+    resolve_data_config,
+    zero_head,
+)
 from training.profiles import ClassifierRecipe
 
 logger = logging.getLogger(__name__)
@@ -210,7 +218,7 @@ def train_classifier(
         ArchitectureError: Unknown arch or unsupported head.
 
     Example:
-        >>> result = train_classifier(Path("runs/prepared"), Path("runs/ckpt"), get_profile("cpu").classifier("resnet18"))
+        >>> result = train_classifier(Path("runs/prepared"), Path("runs/ckpt"), get_profile("cpu").classifier("resnet10t"))
         >>> result.best_val_auroc
     """
     started = time.perf_counter()
@@ -227,7 +235,7 @@ def train_classifier(
     workers = (0 if device.type == "cpu" else min(8, cores)) if workers is None else workers
 
     torch.manual_seed(seed)
-    model = build_backbone(recipe.arch, pretrained=pretrained).to(device)
+    model = zero_head(build_backbone(recipe.arch, pretrained=pretrained)).to(device)
     data_cfg = resolve_data_config(model, recipe.input_size)
     to_input = GrayToModelInput(data_cfg.mean, data_cfg.std).to(device)
     parts = build_training_components(model, recipe)

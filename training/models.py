@@ -109,7 +109,8 @@ def build_backbone(arch: str, *, pretrained: Path | None = None) -> nn.Module:
     Args:
         arch: timm model name.
         pretrained: Optional local ImageNet weights (a state-dict file: ``.pth``, ``.pt``, ``.bin``
-            or ``.safetensors``); the 1000-class head is dropped and the one-logit head stays zero.
+            or ``.safetensors``); the 1000-class head is dropped and the one-logit head keeps timm's
+            initialisation.
 
     Returns:
         The model in train mode, ``in_chans=3`` (the gray image is replicated, so ImageNet
@@ -127,12 +128,7 @@ def build_backbone(arch: str, *, pretrained: Path | None = None) -> nn.Module:
     if not timm.is_model(arch):
         raise ArchitectureError(f"{arch!r} is not a timm model name: check the profile or --arch (timm {timm.__version__})")
     model = timm.create_model(arch, pretrained=False, num_classes=1, in_chans=3)
-    head = check_gap_linear_head(model, arch)
-    # The one-logit head starts at zero (prob 0.5, loss ln 2). timm's EfficientNet init scales head
-    # weights by 1/sqrt(fan_out), which for one output draws them from U(-1, 1): the cpu profile's
-    # EfficientNets then started at training losses of 1.3-2.6 and stayed unstable for epochs.
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
+    check_gap_linear_head(model, arch)
     if pretrained is not None:
         load_pretrained_weights(model, arch, pretrained)
     return model
@@ -192,6 +188,19 @@ def _first_detail(exc: RuntimeError) -> str:
     """The first specific line of torch's multi-line load_state_dict error."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+
+
+def zero_head(model: nn.Module) -> nn.Module:
+    """Zero the linear head so training starts at prob 0.5 (loss ln 2); returns ``model``.
+
+    timm's EfficientNet init scales head weights by 1/sqrt(fan_out), which for one output draws
+    them from U(-1, 1): the cpu profile's EfficientNets then started at training losses of 1.3-2.6
+    and were still unstable after six epochs. Zero is the neutral start for every member.
+    """
+    head = model.get_classifier()
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -166,10 +166,12 @@ PAPER = Profile(
 CPU = Profile(
     name="cpu",
     classifiers=(
-        # Measured on 250 train + 50 val images at 128 px (2-core dev box shared with other jobs, one
-        # thread): CPU-seconds per epoch resnet10t 14.7, tf_efficientnetv2_b0 14.0, tinynet_e ~9;
-        # resnet18 20.7, and densenet121 about 3x resnet10t, did not fit. lr 1e-3 rather than the paper's
-        # 1e-4: these members start from random weights and get 6 epochs, not 60.
+        # Measured on 250 train + 50 val images at 128 px, one thread, on the 2-core dev box while
+        # other jobs kept it loaded (load average ~7): CPU-seconds per epoch resnet10t 14.7,
+        # tf_efficientnetv2_b0 14.0, resnet18 20.7; wall seconds in one run 28 / 28 and tinynet_e 14.
+        # densenet121 costs about 3x resnet10t and did not fit. All three members for 6 epochs plus the
+        # ensemble search took 220 CPU-seconds. lr 1e-3 rather than the paper's 1e-4: these members
+        # start from random weights and get 6 epochs, not 60.
         ClassifierRecipe("resnet10t", input_size=128, batch_size=32, epochs=6, lr=1e-3, t_max=6, patience=3),
         ClassifierRecipe("tf_efficientnetv2_b0", input_size=128, batch_size=32, epochs=6, lr=1e-3, t_max=6, patience=3),
         ClassifierRecipe("tinynet_e", input_size=128, batch_size=32, epochs=6, lr=1e-3, t_max=6, patience=3),

@@ -21,6 +21,7 @@ from training.models import (
     count_parameters,
     normalise_cam,
     resolve_data_config,
+    zero_head,
 )
 from training.profiles import PROFILES
 
@@ -33,8 +34,8 @@ PAPER_PARAMS = {"densenet121": 7.98e6, "tf_efficientnetv2_s": 21.46e6, "resnet50
 def _eval_backbone(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_backbone(arch).eval()
-    # The fresh head is zero (constant output, empty CAM), and a random one can make Σ w_k A_k
-    # negative everywhere: give it mostly positive weights, some negative channels, and a bias.
+    # A random head can make Σ w_k A_k negative everywhere (an all-zero CAM proves nothing): give it
+    # mostly positive weights, some negative channels, and a bias.
     with torch.no_grad():
         head = model.get_classifier()
         head.weight.copy_(torch.randn_like(head.weight).abs() * 0.2)
@@ -208,8 +209,9 @@ def test_all_zero_features_give_an_all_zero_cam() -> None:
 
 
 @pytest.mark.parametrize("arch", ["test_efficientnet", "test_resnet"])
-def test_a_fresh_member_starts_at_probability_one_half(arch: str) -> None:
+def test_a_zeroed_head_starts_training_at_probability_one_half(arch: str) -> None:
     backbone = build_backbone(arch).eval()
+    assert backbone.get_classifier().weight.abs().max() > 0
     with torch.no_grad():
-        prob, _ = TTAClassifier(backbone, resolve_data_config(backbone, 64))(_images(2, 64))
+        prob, _ = TTAClassifier(zero_head(backbone), resolve_data_config(backbone, 64))(_images(2, 64))
     assert torch.equal(prob, torch.full((2,), 0.5))
