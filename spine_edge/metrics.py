@@ -21,10 +21,6 @@ import numpy as np
 
 from spine_edge.errors import MissingDependencyError
 
-#: IoU thresholds of COCO's AP@[.5:.95], as pycocotools defines them.
-COCO_IOU_THRESHOLDS: tuple[float, ...] = tuple(np.linspace(0.5, 0.95, 10).round(2).tolist())
-
-
 @dataclass(frozen=True)
 class ClassificationMetrics:
     """Binary triage metrics of one set of predictions.
