@@ -30,7 +30,7 @@ spine-edge train all --profile cpu --data "$DEMO/prepared" --out "$DEMO/checkpoi
 stage "export: fused TTA ensemble + detector, FP32 / FP16 / INT8, accuracy report -> runs/bundle"
 # Exit 4 means a precision missed its accuracy gate: the bundle is still written and the report
 # says which; bench below measures the same thing on the test split.
-spine-edge export "$DEMO/checkpoints" --calib-data "$DEMO/prepared" --eval-data "$DEMO/prepared" || [ $? -eq 4 ]
+spine-edge export "$DEMO/checkpoints" || [ $? -eq 4 ]
 
 stage "build engines for this box (TensorRT if present, else ONNX Runtime CPU)"
 spine-edge build-engines

@@ -397,6 +397,7 @@ def train_detector(
         "recipe": recipe.to_dict(),
         "val_metrics": metrics,
         "data_fingerprint": data.fingerprint,
+        "prepared": str(Path(prepared).resolve()),
         "profile": profile_name,
         "seed": seed,
         "epochs": epochs,

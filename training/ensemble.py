@@ -284,6 +284,8 @@ def train_ensemble(prepared: Path, ckpt_dir: Path, profile: Profile) -> Ensemble
         "format": ENSEMBLE_FORMAT,
         "profile": profile.name,
         "data_fingerprint": data.fingerprint,
+        # Export reads this to find calibration and evaluation images without extra flags.
+        "prepared": str(Path(prepared).resolve()),
         "members": [
             {"name": arch, "arch": arch, "weight": w, "checkpoint": p.name, "val_auroc": metrics[arch].auroc}
             for arch, w, p in zip(archs, weights, paths)
