@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 
 import click
 
-from spine_edge.cli import EXIT_SETUP, EXIT_SOME_INPUTS_FAILED, fail
-from spine_edge.errors import MissingDependencyError, SpineEdgeError
+from spine_edge.cli import EXIT_SETUP, EXIT_SOME_INPUTS_FAILED, fail, import_optional
+from spine_edge.errors import SpineEdgeError
 from spine_edge import vindr
 
 _FOLDER = click.Path(file_okay=False, path_type=Path)
@@ -35,7 +33,7 @@ def synth(
     """Write a synthetic dataset in the VinDr-SpineXR layout to OUT."""
     given = {"difficulty": difficulty, "scale": scale, "workers": workers}
     try:
-        synth_module = _import_training("training.data.synth", "Generating a synthetic dataset")
+        synth_module = import_optional("training.data.synth", "train", "Generating a synthetic dataset")
         config = synth_module.SynthConfig(
             n_train=n_train, n_test=n_test, seed=seed, **{k: v for k, v in given.items() if v is not None}
         )
@@ -80,7 +78,7 @@ def prepare(vindr_root: Path, out: Path, long_side: int, val_fraction: float, se
     some images could not be read (they are left out of the cache and listed).
     """
     try:
-        prepare_module = _import_training("training.data.prepare", "Preparing the training cache")
+        prepare_module = import_optional("training.data.prepare", "train", "Preparing the training cache")
         config = prepare_module.PrepareConfig(long_side=long_side, val_fraction=val_fraction, seed=seed, workers=workers)
         report = prepare_module.prepare_dataset(vindr_root, out, config, progress=True)
     except SpineEdgeError as exc:
@@ -98,10 +96,3 @@ def prepare(vindr_root: Path, out: Path, long_side: int, val_fraction: float, se
         click.echo(f"error: {report.failed} image(s) could not be read and were left out", err=True)
         raise SystemExit(EXIT_SOME_INPUTS_FAILED)
 
-
-def _import_training(module: str, purpose: str) -> ModuleType:
-    """Import a training module; a missing package becomes MissingDependencyError (a SpineEdgeError)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependencyError(exc.name or module, "train", purpose) from exc

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from spine_edge.bundle import default_bundle_path
-from spine_edge.cli import EXIT_GATE_FAILED, EXIT_SETUP, fail
+from spine_edge.cli import EXIT_GATE_FAILED, EXIT_SETUP, fail, import_optional
 from spine_edge.errors import MissingDependencyError, SpineEdgeError
 
 
@@ -49,10 +49,11 @@ def export(
     bundle is still written).
     """
     try:
-        from export.pipeline import PRECISIONS, ExportConfig, export_bundle
-    except ImportError as exc:
-        fail(MissingDependencyError(exc.name or "torch", "train", "spine-edge export"), EXIT_SETUP)
+        pipeline = import_optional("export.pipeline", "train", "spine-edge export")
+    except SpineEdgeError as exc:
+        fail(exc, EXIT_SETUP)
         return
+    PRECISIONS, ExportConfig, export_bundle = pipeline.PRECISIONS, pipeline.ExportConfig, pipeline.export_bundle
     config = ExportConfig(
         precisions=tuple(dict.fromkeys(("fp32", *precisions))) if precisions else PRECISIONS,
         calib_data=calib_data,

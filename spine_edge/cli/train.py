@@ -6,7 +6,6 @@ each command, so ``spine-edge --help`` works on a runtime-only install.
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,17 +14,14 @@ from typing import Any
 
 import click
 
-from spine_edge.cli import EXIT_SETUP, fail
-from spine_edge.errors import MissingDependencyError, SpineEdgeError
+from spine_edge.cli import EXIT_SETUP, fail, import_optional
+from spine_edge.errors import SpineEdgeError
 
 _FOLDER = click.Path(file_okay=False, path_type=Path)
 
 
 def _import_training(module: str) -> ModuleType:
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependencyError(exc.name or "torch", "train", f"spine-edge train ({module})") from exc
+    return import_optional(module, "train", f"spine-edge train ({module})")
 
 
 def _profile(name: str) -> Any:
