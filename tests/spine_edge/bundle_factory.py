@@ -31,6 +31,7 @@ from spine_edge.bundle import (
     sha256_file,
     write_manifest,
 )
+from export.bundle_writer import tensor_specs
 from spine_edge.constants import CLASS_NAMES, CLASSIFIER_PAD_VALUE, DETECTOR_PAD_VALUE
 
 OPSET = 17
@@ -158,31 +159,24 @@ def reference_detector(canvas: np.ndarray, grid: int, num_classes: int = len(CLA
 def _entry(folder: Path, role: str, model: onnx.ModelProto, fmt: str = "onnx", build: BuildInfo | None = None, file: str | None = None) -> ModelEntry:
     path = folder / (file or f"{role}.fp32.onnx")
     onnx.save(model, path)
-    return _entry_for(folder, role, path, model, fmt, build)
+    return _entry_for(role, path, fmt, build)
 
 
-def _entry_for(folder: Path, role: str, path: Path, model: onnx.ModelProto, fmt: str, build: BuildInfo | None) -> ModelEntry:
-    def specs(values: list[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...]:
-        out = []
-        for v in values:
-            dims = tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
-            out.append(TensorSpec(v.name, dims, dtype))
-        return tuple(out)
-
+def _entry_for(role: str, path: Path, fmt: str, build: BuildInfo | None) -> ModelEntry:
+    inputs, outputs = tensor_specs(path)
     return ModelEntry(
         role=role,  # type: ignore[arg-type]
         precision="fp32",
         format=fmt,  # type: ignore[arg-type]
         file=path.name,
         sha256=sha256_file(path),
-        inputs=specs(list(model.graph.input)),
-        outputs=specs(list(model.graph.output)),
+        inputs=inputs,
+        outputs=outputs,
         build=build,
     )
 
 
-def _optimized_entry(folder: Path, role: str, model: onnx.ModelProto, builder_version: str | None) -> ModelEntry:
+def _optimized_entry(folder: Path, role: str, builder_version: str | None) -> ModelEntry:
     """ONNX Runtime's own optimised graph, as ``build-engines`` prepares it for a CPU."""
     import onnxruntime as ort
 
@@ -199,7 +193,7 @@ def _optimized_entry(folder: Path, role: str, model: onnx.ModelProto, builder_ve
         device=cpu_model_name(),
         source=f"{role}.fp32.onnx",
     )
-    return _entry_for(folder, role, target, model, "onnx-optimized", build)
+    return _entry_for(role, target, "onnx-optimized", build)
 
 
 def make_bundle(
@@ -236,7 +230,7 @@ def make_bundle(
     detector = detector_model(detector_size, det_grid)
     models = [_entry(out, "classifier", classifier), _entry(out, "detector", detector)]
     if with_optimized:
-        models += [_optimized_entry(out, "classifier", classifier, optimized_version), _optimized_entry(out, "detector", detector, optimized_version)]
+        models += [_optimized_entry(out, "classifier", optimized_version), _optimized_entry(out, "detector", optimized_version)]
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         bundle_id=models[0].sha256[:6] + models[1].sha256[:6],
