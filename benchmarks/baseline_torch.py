@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.latency import LatencyStats, cycle_to, summarize_latency
+from spine_edge.benchmarks.latency import LatencyStats, cycle_to, summarize_latency
 from spine_edge.bundle import Manifest
 from spine_edge.errors import MissingDependencyError, SpineEdgeError
 from spine_edge.preprocess import letterbox
@@ -78,8 +78,8 @@ def _import_peers() -> tuple[Any, Any, Any]:
     try:
         import torch
 
-        from export.classifier_graph import build_ensemble, read_ensemble_spec
-        from training.detector import configure_ultralytics
+        from spine_edge.export.classifier_graph import build_ensemble, read_ensemble_spec
+        from spine_edge.training.detector import configure_ultralytics
 
         configure_ultralytics()
         from ultralytics import YOLO

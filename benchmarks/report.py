@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks.accuracy import json_safe
-from benchmarks.latency import END_TO_END, STAGES
+from spine_edge.benchmarks.accuracy import json_safe
+from spine_edge.benchmarks.latency import END_TO_END, STAGES
 from spine_edge.errors import MissingDependencyError
 from spine_edge.io_utils import write_bytes_atomic, write_text_atomic
 
 if TYPE_CHECKING:
-    from benchmarks.run import BenchReport, PrecisionBench
+    from spine_edge.benchmarks.run import BenchReport, PrecisionBench
 
 DASH = "–"
 

@@ -42,7 +42,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from benchmarks.accuracy import (
+from spine_edge.benchmarks.accuracy import (
     PrecisionAccuracy,
     PrecisionRecall,
     Predictions,
@@ -54,9 +54,9 @@ from benchmarks.accuracy import (
     valid_indices,
     write_coco_files,
 )
-from benchmarks.baseline_torch import BaselineTiming, baseline_checkpoints, run_torch_baseline
-from benchmarks.flops import count_flops
-from benchmarks.latency import (
+from spine_edge.benchmarks.baseline_torch import BaselineTiming, baseline_checkpoints, run_torch_baseline
+from spine_edge.benchmarks.flops import count_flops
+from spine_edge.benchmarks.latency import (
     END_TO_END,
     STAGES,
     CascadeTiming,

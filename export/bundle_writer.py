@@ -26,6 +26,7 @@ from spine_edge.bundle import (
     DetectorInfo,
     Manifest,
     ModelEntry,
+    TensorRole,
     TensorSpec,
     sha256_file,
 )
@@ -40,6 +41,14 @@ if TYPE_CHECKING:
 OPSET = 17
 REPORT_JSON = "accuracy_report.json"
 REPORT_MARKDOWN = "accuracy_report.md"
+#: Tensor names of the exporter's graphs (export.classifier_graph, export.detector_graph) and the
+#: role each plays, written into the manifest so the runtime never guesses by rank.
+TENSOR_ROLES_BY_NAME: Mapping[str, TensorRole] = {
+    "image": "image",
+    "prob": "probability",
+    "cam": "cam",
+    "yolo_raw": "yolo_raw",
+}
 
 
 def write_onnx(model: onnx.ModelProto, path: Path) -> Path:
@@ -96,8 +105,17 @@ def trace_to_onnx(
     return write_onnx(model, path)
 
 
-def tensor_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Input and output specs of an ONNX file (dynamic axes as their names)."""
+def tensor_specs(
+    path: Path, roles: Mapping[str, TensorRole] | None = None
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Input and output specs of an ONNX file (dynamic axes as their names).
+
+    Args:
+        path: The ONNX file.
+        roles: Role of each tensor by name (default :data:`TENSOR_ROLES_BY_NAME`, the names the
+            exporter's graphs use); a tensor absent from it gets no role.
+    """
+    roles = TENSOR_ROLES_BY_NAME if roles is None else roles
     import onnx
     from onnx import helper
 
@@ -107,7 +125,7 @@ def tensor_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, 
         tensor_type = value.type.tensor_type
         dims = tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in tensor_type.shape.dim)
         dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
-        return TensorSpec(name=value.name, shape=dims, dtype=dtype)
+        return TensorSpec(name=value.name, shape=dims, dtype=dtype, role=roles.get(value.name))
 
     initializers = {i.name for i in graph.initializer}
     inputs = tuple(spec(v) for v in graph.input if v.name not in initializers)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.bundle_writer import trace_to_onnx
+from spine_edge.export.bundle_writer import trace_to_onnx
 from spine_edge.errors import SpineEdgeError
 
 INPUT_NAME = "image"
@@ -75,7 +75,7 @@ def read_ensemble_spec(checkpoints: Path) -> EnsembleSpec:
     Raises:
         SpineEdgeError: Missing or malformed file, or a member checkpoint that does not exist.
     """
-    from training.ensemble import ENSEMBLE_JSON, read_ensemble_json
+    from spine_edge.training.ensemble import ENSEMBLE_JSON, read_ensemble_json
 
     path = Path(checkpoints) / ENSEMBLE_JSON
     raw = read_ensemble_json(Path(checkpoints))
@@ -120,7 +120,7 @@ def build_ensemble(spec: EnsembleSpec) -> torch.nn.Module:
         SpineEdgeError: A checkpoint that does not fit, or members trained at another size than
             ``ensemble.json`` records.
     """
-    from training.ensemble import load_dernet
+    from spine_edge.training.ensemble import load_dernet
 
     ensemble = load_dernet(spec.path.parent)
     if ensemble.input_size != spec.input_size:

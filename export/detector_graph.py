@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.bundle_writer import trace_to_onnx
+from spine_edge.export.bundle_writer import trace_to_onnx
 from spine_edge.errors import SpineEdgeError
 
 INPUT_NAME = "image"

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from export import precision as prec
-from export.bundle_writer import (
+from spine_edge.export import precision as prec
+from spine_edge.export.bundle_writer import (
     REPORT_JSON,
     REPORT_MARKDOWN,
     AccuracyReport,
@@ -43,7 +43,7 @@ from export.bundle_writer import (
     write_accuracy_report,
     write_onnx,
 )
-from export.classifier_graph import (
+from spine_edge.export.classifier_graph import (
     CAM_NAME,
     INPUT_NAME,
     PROB_NAME,
@@ -54,7 +54,7 @@ from export.classifier_graph import (
     read_ensemble_spec,
     run_ensemble,
 )
-from export.detector_graph import (
+from spine_edge.export.detector_graph import (
     OUTPUT_NAME,
     DetectorExportModule,
     DetectorSource,
@@ -64,7 +64,7 @@ from export.detector_graph import (
     read_detector_json,
     run_detector_module,
 )
-from export.opcheck import check_symmetric_qdq, check_trt_ops
+from spine_edge.export.opcheck import check_symmetric_qdq, check_trt_ops
 from spine_edge.bundle import ClassifierInfo, DetectorInfo, EnsembleMember, ModelEntry, write_manifest
 from spine_edge.constants import CLASSIFIER_PAD_VALUE, DETECTOR_PAD_VALUE
 from spine_edge.errors import DatasetError, SpineEdgeError
@@ -314,7 +314,7 @@ def member_prob_tensors(model: onnx.ModelProto, members: int) -> list[str]:
         if len(names) != 1:
             raise SpineEdgeError(
                 f"cannot locate member {index}'s probability in the classifier graph (found {sorted(names)}); "
-                "training.models.DERNetEnsemble changed shape: update export.pipeline.member_prob_tensors"
+                "spine_edge.training.models.DERNetEnsemble changed shape: update export.pipeline.member_prob_tensors"
             )
         found.append(names.pop())
     return found
@@ -853,7 +853,7 @@ def _write_manifest(ctx: _Context, accuracy: AccuracyReport | None) -> Path:
         pad_value=DETECTOR_PAD_VALUE,
         output_layout="yolo_raw",
     )
-    from training.checkpoints import load_classifier_checkpoint
+    from spine_edge.training.checkpoints import load_classifier_checkpoint
 
     metas = {m.name: load_classifier_checkpoint(m.checkpoint).meta for m in ctx.spec.members}
     source = {

@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.bundle_writer import write_onnx
+from spine_edge.export.bundle_writer import write_onnx
 from spine_edge.errors import DatasetError
 from spine_edge.preprocess import letterbox
 

@@ -21,7 +21,8 @@ from typing import Any, Literal
 from spine_edge.errors import BundleError
 from spine_edge.io_utils import write_text_atomic
 
-SCHEMA_VERSION = 1
+#: 2: every tensor names its role (which output is the probability, the CAM, the raw detector head).
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 #: Where `spine-edge export` writes and every bundle-reading command looks by default.
@@ -29,8 +30,15 @@ DEFAULT_BUNDLE_DIR = Path("runs/bundle")
 #: Environment variable that overrides the default bundle location.
 BUNDLE_ENV = "SPINE_EDGE_BUNDLE"
 
+#: The two models of the cascade. Defined here once; every other module imports these names.
 Role = Literal["classifier", "detector"]
+#: Numeric precisions a bundle can carry.
 Precision = Literal["fp32", "fp16", "int8"]
+#: What a graph tensor carries, so the runtime finds its outputs by meaning, not by rank or name.
+#: ``image``: the uint8 [N, 1, S, S] input. ``probability``: the ensemble probability [N].
+#: ``cam``: the class-activation map [N, H', W']. ``yolo_raw``: the detector head [N, 4 + C, A].
+TensorRole = Literal["image", "probability", "cam", "yolo_raw"]
+TENSOR_ROLES: tuple[TensorRole, ...] = ("image", "probability", "cam", "yolo_raw")
 #: ``onnx``: exported graph (ONNX Runtime runs it; TensorRT builds from it). ``tensorrt``: a plan built
 #: on the target box. ``onnx-optimized``: ONNX Runtime's optimised graph saved for this CPU/ORT version.
 ModelFormat = Literal["onnx", "tensorrt", "onnx-optimized"]
@@ -44,11 +52,16 @@ def default_bundle_path() -> Path:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, shape (ints, or strings for dynamic axes) and numpy dtype name of one graph tensor."""
+    """Name, shape (ints, or strings for dynamic axes), numpy dtype name and role of one graph tensor.
+
+    ``role`` is None for tensors read from a loaded graph (a backend knows names, not meaning); the
+    manifest's specs always carry it.
+    """
 
     name: str
     shape: tuple[int | str, ...]
     dtype: str
+    role: TensorRole | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,21 @@ class ModelEntry:
     target: str = "any"
     build: BuildInfo | None = None
     notes: str = ""
+
+    def output(self, role: TensorRole) -> TensorSpec:
+        """The output tensor with ``role``.
+
+        Raises:
+            BundleError: The manifest names no output with that role (a bundle from an older
+                exporter, or a hand-edited manifest).
+        """
+        for spec in self.outputs:
+            if spec.role == role:
+                return spec
+        raise BundleError(
+            f"the {self.role} model {self.file} has no output with role {role!r} in manifest.json "
+            f"(outputs: {[(s.name, s.role) for s in self.outputs]}); re-export the bundle with this spine-edge"
+        )
 
 
 @dataclass(frozen=True)
@@ -228,7 +256,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def _spec(d: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(name=d["name"], shape=tuple(d["shape"]), dtype=d["dtype"])
+    role = d.get("role")
+    if role is not None and role not in TENSOR_ROLES:
+        raise ValueError(f"tensor {d.get('name')!r} has unknown role {role!r} (known: {', '.join(TENSOR_ROLES)})")
+    return TensorSpec(name=d["name"], shape=tuple(d["shape"]), dtype=d["dtype"], role=role)
 
 
 def _entry(d: dict[str, Any]) -> ModelEntry:

@@ -33,7 +33,7 @@ import numpy as np
 
 from spine_edge.backends import Backend, BackendChoice, ModelSelection, PrecisionChoice, create_backend, select_model
 from spine_edge.backends.onnxruntime import ProviderChoice
-from spine_edge.bundle import Manifest, TensorSpec, default_bundle_path, load_manifest
+from spine_edge.bundle import Manifest, default_bundle_path, load_manifest
 from spine_edge.errors import BackendError, BundleError, ImageReadError
 # The reader's own 16-bit mapping, so an array handed in by a kiosk looks like the same image read
 # from a 16-bit PNG (imageio keeps it private; see the report to make it public).
@@ -112,13 +112,6 @@ class _Graph:
     batch: int  # images per call: the configured batch capped by the graph's maximum
 
 
-def _output_by_rank(outputs: tuple[TensorSpec, ...], rank: int, role: str, what: str) -> str:
-    for spec in outputs:
-        if len(spec.shape) == rank:
-            return spec.name
-    raise BundleError(f"the {role} graph has no {what} output of rank {rank} (outputs: {[s.name for s in outputs]}); re-export the bundle")
-
-
 def _graph(backend: Backend, selection: ModelSelection, size: int, pad_value: int, batch: int) -> _Graph:
     """Check a loaded graph against the manifest and cap the batch at what it accepts."""
     specs = backend.input_specs()
@@ -188,9 +181,9 @@ class Cascade:
         self._detector = detector
         self._lock = threading.Lock()
         self._closed = False
-        self._prob_name = _output_by_rank(classifier.selection.entry.outputs, 1, "classifier", "probability [N]")
-        self._cam_name = _output_by_rank(classifier.selection.entry.outputs, 3, "classifier", "CAM [N, H, W]")
-        self._raw_name = _output_by_rank(detector.selection.entry.outputs, 3, "detector", "yolo_raw [N, 4 + C, A]")
+        self._prob_name = classifier.selection.entry.output("probability").name
+        self._cam_name = classifier.selection.entry.output("cam").name
+        self._raw_name = detector.selection.entry.output("yolo_raw").name
         channels = next(s.shape[1] for s in detector.selection.entry.outputs if s.name == self._raw_name)
         if isinstance(channels, int) and channels != 4 + len(manifest.detector.class_names):
             raise BundleError(

@@ -35,7 +35,7 @@ from spine_edge.errors import DatasetError
 from spine_edge.io_utils import write_text_atomic
 from spine_edge.metrics import compute_auroc
 from spine_edge.tta import DEFAULT_VIEWS, views_by_name
-from training.checkpoints import (
+from spine_edge.training.checkpoints import (
     CheckpointError,
     ClassifierMeta,
     classifier_checkpoint_path,
@@ -44,8 +44,8 @@ from training.checkpoints import (
     save_train_state,
     train_state_path,
 )
-from training.datasets import ClassificationDataset, ClassificationItem, GrayAugment, read_prepared
-from training.models import (
+from spine_edge.training.datasets import ClassificationDataset, ClassificationItem, GrayAugment, read_prepared
+from spine_edge.training.models import (
     DataConfig,
     GrayToModelInput,
     TTAClassifier,
@@ -54,7 +54,7 @@ from training.models import (
     resolve_data_config,
     zero_head,
 )
-from training.profiles import ClassifierRecipe
+from spine_edge.training.profiles import ClassifierRecipe
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from spine_edge.constants import CLASSIFIER_PAD_VALUE
 from spine_edge.errors import DatasetError, ImageReadError
 from spine_edge.preprocess import letterbox
-from training.profiles import ClassifierRecipe
+from spine_edge.training.profiles import ClassifierRecipe
 
 PREPARE_HINT = "run spine-edge data prepare VINDR_ROOT PREPARED first"
 SPLITS = ("train", "val", "test")

@@ -10,7 +10,7 @@ ultralytics' config dir (settings and a local font), which :func:`configure_ultr
 at spine-edge's own config dir before ultralytics is first imported.
 
 Example:
-    >>> from training.profiles import get_profile
+    >>> from spine_edge.training.profiles import get_profile
     >>> result = train_detector(Path("prep"), Path("ckpt"), get_profile("cpu").detector)  # doctest: +SKIP
     >>> result.map50  # doctest: +SKIP
 """
@@ -32,7 +32,7 @@ import yaml
 
 from spine_edge.errors import DatasetError, MissingDependencyError, SpineEdgeError
 from spine_edge.io_utils import write_bytes_atomic, write_text_atomic
-from training.profiles import DetectorRecipe
+from spine_edge.training.profiles import DetectorRecipe
 
 #: Ultralytics' run folder inside OUT (weights/last.pt, weights/best.pt, results.csv, plots).
 RUN_DIR_NAME = "detector_run"
@@ -141,7 +141,7 @@ def configure_ultralytics(config_dir: Path | None = None) -> Path:
 def import_yolo_extensions(config_dir: Path | None = None) -> ModuleType:
     """:mod:`training.yolo_ext`, imported after :func:`configure_ultralytics`."""
     configure_ultralytics(config_dir)
-    from training import yolo_ext
+    from spine_edge.training import yolo_ext
 
     return yolo_ext
 

@@ -24,11 +24,11 @@ from spine_edge.errors import DatasetError
 from spine_edge.io_utils import write_text_atomic
 from spine_edge.metrics import ClassificationMetrics, compute_auroc, evaluate_classification
 from spine_edge.tta import DEFAULT_VIEWS, TTAView, views_by_name
-from training.checkpoints import CheckpointError, classifier_checkpoint_path, load_classifier_checkpoint
-from training.classifier import default_device, use_all_cores
-from training.datasets import ClassificationDataset, read_prepared
-from training.models import DERNetEnsemble, TTAClassifier, backbone_from_checkpoint, data_config_from_meta
-from training.profiles import Profile
+from spine_edge.training.checkpoints import CheckpointError, classifier_checkpoint_path, load_classifier_checkpoint
+from spine_edge.training.classifier import default_device, use_all_cores
+from spine_edge.training.datasets import ClassificationDataset, read_prepared
+from spine_edge.training.models import DERNetEnsemble, TTAClassifier, backbone_from_checkpoint, data_config_from_meta
+from spine_edge.training.profiles import Profile
 
 logger = logging.getLogger(__name__)
 

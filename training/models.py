@@ -32,7 +32,7 @@ from torch import nn
 
 from spine_edge.errors import SpineEdgeError
 from spine_edge.tta import DEFAULT_VIEWS, TTAView, views_by_name
-from training.checkpoints import CheckpointError, ClassifierCheckpoint, ClassifierMeta, load_classifier_checkpoint
+from spine_edge.training.checkpoints import CheckpointError, ClassifierCheckpoint, ClassifierMeta, load_classifier_checkpoint
 
 #: Floor of the per-image CAM maximum, so an all-zero map stays zero instead of dividing by zero. A
 #: normal FP16 number (>= 6.1e-5), so an FP16 engine that flushes subnormals still divides by it.

@@ -7,15 +7,14 @@ works on a runtime-only install.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
-from types import ModuleType
 
 import click
 
 from spine_edge import __version__
-from spine_edge.errors import MissingDependencyError, SpineEdgeError
+from spine_edge.errors import SpineEdgeError
+from spine_edge.support import import_optional
 
 #: Exit codes, documented in the README.
 EXIT_OK = 0
@@ -39,18 +38,6 @@ def fail(exc: SpineEdgeError, code: int = EXIT_SETUP) -> None:
     """Print a project error as one line and exit with ``code``."""
     click.echo(f"error: {exc}", err=True)
     sys.exit(code)
-
-
-def import_optional(module: str, extra: str, purpose: str) -> ModuleType:
-    """Import a module of an optional stage (training, export, benchmarks) inside a command.
-
-    Raises:
-        MissingDependencyError: When it (or a package it needs) is not installed, naming the extra.
-    """
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependencyError(exc.name or module, extra, purpose) from exc
 
 
 def _register() -> None:

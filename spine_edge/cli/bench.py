@@ -37,7 +37,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 
 
 def _stage_budgets(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
-    from benchmarks.run import BUDGET_STAGES
+    from spine_edge.benchmarks.run import BUDGET_STAGES
 
     budgets = []
     for item in value:
@@ -120,8 +120,8 @@ def bench(
             _require(_ACCURACY_PACKAGES, "Measuring AUROC and mAP (spine-edge bench --data)")
         if plots is not None:
             _require({"matplotlib": "matplotlib"}, "Writing benchmark plots (spine-edge bench --plots)")
-        from benchmarks.report import format_table, write_json, write_plots
-        from benchmarks.run import BenchConfig, run_bench
+        from spine_edge.benchmarks.report import format_table, write_json, write_plots
+        from spine_edge.benchmarks.run import BenchConfig, run_bench
 
         config = BenchConfig(
             bundle=bundle if bundle is not None else default_bundle_path(),

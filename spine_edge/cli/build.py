@@ -46,8 +46,8 @@ def build_engines(
 
     BUNDLE defaults to $SPINE_EDGE_BUNDLE or runs/bundle.
     """
-    from export.engines import BuildConfig
-    from export.engines import build_engines as run_build
+    from spine_edge.export.engines import BuildConfig
+    from spine_edge.export.engines import build_engines as run_build
 
     defaults = BuildConfig()
     config = BuildConfig(

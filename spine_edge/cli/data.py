@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from spine_edge.cli import EXIT_SETUP, EXIT_SOME_INPUTS_FAILED, fail, import_optional
+from spine_edge.cli import EXIT_SETUP, EXIT_SOME_INPUTS_FAILED, fail
+from spine_edge.support import import_optional
 from spine_edge.errors import SpineEdgeError
 from spine_edge import vindr
 
@@ -33,7 +34,7 @@ def synth(
     """Write a synthetic dataset in the VinDr-SpineXR layout to OUT."""
     given = {"difficulty": difficulty, "scale": scale, "workers": workers}
     try:
-        synth_module = import_optional("training.data.synth", "train", "Generating a synthetic dataset")
+        synth_module = import_optional("spine_edge.training.data.synth", "train", "Generating a synthetic dataset")
         config = synth_module.SynthConfig(
             n_train=n_train, n_test=n_test, seed=seed, **{k: v for k, v in given.items() if v is not None}
         )
@@ -78,7 +79,7 @@ def prepare(vindr_root: Path, out: Path, long_side: int, val_fraction: float, se
     some images could not be read (they are left out of the cache and listed).
     """
     try:
-        prepare_module = import_optional("training.data.prepare", "train", "Preparing the training cache")
+        prepare_module = import_optional("spine_edge.training.data.prepare", "train", "Preparing the training cache")
         config = prepare_module.PrepareConfig(long_side=long_side, val_fraction=val_fraction, seed=seed, workers=workers)
         report = prepare_module.prepare_dataset(vindr_root, out, config, progress=True)
     except SpineEdgeError as exc:

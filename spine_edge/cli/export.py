@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from spine_edge.bundle import default_bundle_path
-from spine_edge.cli import EXIT_GATE_FAILED, EXIT_SETUP, fail, import_optional
+from spine_edge.cli import EXIT_GATE_FAILED, EXIT_SETUP, fail
+from spine_edge.support import import_optional
 from spine_edge.errors import MissingDependencyError, SpineEdgeError
 
 
@@ -49,7 +50,7 @@ def export(
     bundle is still written).
     """
     try:
-        pipeline = import_optional("export.pipeline", "train", "spine-edge export")
+        pipeline = import_optional("spine_edge.export.pipeline", "train", "spine-edge export")
     except SpineEdgeError as exc:
         fail(exc, EXIT_SETUP)
         return

@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from spine_edge.cli import EXIT_SETUP, fail, import_optional
+from spine_edge.cli import EXIT_SETUP, fail
+from spine_edge.support import import_optional
 from spine_edge.errors import SpineEdgeError
 
 _FOLDER = click.Path(file_okay=False, path_type=Path)
@@ -26,7 +27,7 @@ def _import_training(module: str) -> ModuleType:
 
 def _profile(name: str) -> Any:
     try:
-        return _import_training("training.profiles").get_profile(name)
+        return _import_training("spine_edge.training.profiles").get_profile(name)
     except KeyError as exc:
         raise click.BadParameter(str(exc.args[0]), param_hint="--profile") from None
 
@@ -124,9 +125,9 @@ def _train_classifiers(
     profile: Any, prepared: Path, out: Path, archs: tuple[str, ...], epochs: int | None, resume: bool,
     pretrained: Path | None, seed: int,
 ) -> None:
-    classifier_module = _import_training("training.classifier")
-    models = _import_training("training.models")
-    profiles = _import_training("training.profiles")
+    classifier_module = _import_training("spine_edge.training.classifier")
+    models = _import_training("spine_edge.training.models")
+    profiles = _import_training("spine_edge.training.profiles")
     selected = archs or tuple(recipe.arch for recipe in profile.classifiers)
     if pretrained is not None and pretrained.is_file() and len(selected) != 1:
         raise click.BadParameter("a weights file fits one arch: add --arch, or pass a folder of <arch>.pth files", param_hint="--pretrained")
@@ -147,7 +148,7 @@ def _train_classifiers(
 
 
 def _train_ensemble(profile: Any, prepared: Path, out: Path) -> None:
-    result = _import_training("training.ensemble").train_ensemble(prepared, out, profile)
+    result = _import_training("spine_edge.training.ensemble").train_ensemble(prepared, out, profile)
     weights = ", ".join(f"{arch} {w:.2f}" for arch, w in zip(result.archs, result.weights))
     m = result.metrics["ensemble"]
     click.echo(
@@ -157,7 +158,7 @@ def _train_ensemble(profile: Any, prepared: Path, out: Path) -> None:
 
 
 def _train_detector(profile: Any, prepared: Path, out: Path, resume: bool, seed: int) -> None:
-    detector_module = _import_training("training.detector")
+    detector_module = _import_training("spine_edge.training.detector")
     result = detector_module.train_detector(
         prepared, out, profile.detector, resume=resume, profile_name=profile.name, seed=seed
     )

@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.accuracy import (
+from spine_edge.benchmarks.accuracy import (
     Predictions,
     collect_predictions,
     evaluate_accuracy,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.run import BenchConfig, run_bench
+from spine_edge.benchmarks.run import BenchConfig, run_bench
 
 HAS_PEERS = all(importlib.util.find_spec(name) for name in ("torch", "timm", "ultralytics"))
 needs_torch = pytest.mark.skipif(not HAS_PEERS, reason="the PyTorch baseline needs torch, timm and ultralytics")

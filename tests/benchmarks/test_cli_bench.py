@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.run import BenchConfig, run_bench
+from spine_edge.benchmarks.run import BenchConfig, run_bench
 from spine_edge.cli import EXIT_GATE_FAILED, EXIT_OK, EXIT_SETUP, main
 
 FAST = ["--runs", "3", "--warmup", "1", "--batch-sizes", "1,2", "--threads", "1", "--no-baseline"]

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.flops import count_flops
+from spine_edge.benchmarks.flops import count_flops
 from spine_edge.errors import BundleError
 
 # Conv 3→8, 3x3, pad 1 on 32x32: 8 * 32 * 32 outputs x (3 * 3 * 3) = 221,184 MACs

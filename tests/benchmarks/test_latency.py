@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.latency import (
+from spine_edge.benchmarks.latency import (
     ResourceMeter,
     cycle_to,
     stage_samples,

@@ -232,8 +232,8 @@ def write_export_classifiers(folder: Path, size: int = EXPORT_SIZE, prepared: Pa
     import torch
 
     from spine_edge.tta import DEFAULT_VIEWS
-    from training.checkpoints import ClassifierMeta, classifier_checkpoint_path, save_classifier_checkpoint
-    from training.models import build_backbone, resolve_data_config
+    from spine_edge.training.checkpoints import ClassifierMeta, classifier_checkpoint_path, save_classifier_checkpoint
+    from spine_edge.training.models import build_backbone, resolve_data_config
 
     torch.manual_seed(0)
     views = [view.name for view in DEFAULT_VIEWS]
@@ -277,7 +277,7 @@ def write_export_detector(folder: Path, prepared: Path, imgsz: int = EXPORT_SIZE
 
     from spine_edge.imageio import read_image
     from spine_edge.preprocess import letterbox
-    from training.detector import configure_ultralytics
+    from spine_edge.training.detector import configure_ultralytics
 
     configure_ultralytics()  # offline, settings in spine-edge's config dir, before ultralytics is imported
     from ultralytics import __version__ as ultralytics_version
@@ -342,8 +342,8 @@ class ExportedGraphs:
 @pytest.fixture(scope="session")
 def export_graphs(tmp_path_factory: pytest.TempPathFactory, export_checkpoints: Path) -> ExportedGraphs:
     """The FP32 classifier and detector graphs, exported once per session."""
-    from export.classifier_graph import build_ensemble, export_classifier_graph, read_ensemble_spec
-    from export.detector_graph import build_detector_module, export_detector_graph
+    from spine_edge.export.classifier_graph import build_ensemble, export_classifier_graph, read_ensemble_spec
+    from spine_edge.export.detector_graph import build_detector_module, export_detector_graph
 
     folder = tmp_path_factory.mktemp("export_graphs")
     spec = read_ensemble_spec(export_checkpoints)

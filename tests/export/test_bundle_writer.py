@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 from sklearn.metrics import roc_auc_score
 
-from export.bundle_writer import bundle_id, model_entry, write_onnx
-from export.opcheck import check_symmetric_qdq, check_trt_ops
-from export.pipeline import remove_stale_files, run_graph
+from spine_edge.export.bundle_writer import bundle_id, model_entry, write_onnx
+from spine_edge.export.opcheck import check_symmetric_qdq, check_trt_ops
+from spine_edge.export.pipeline import remove_stale_files, run_graph
 from spine_edge.bundle import load_manifest, sha256_file
 from spine_edge.cli import EXIT_GATE_FAILED, EXIT_SETUP, main
 from spine_edge.constants import CLASS_NAMES
@@ -143,7 +143,7 @@ def test_bundle_id_and_json_nan_handling(tmp_path: Path) -> None:
     a.write_bytes(b"one")
     b.write_bytes(b"two")
     assert bundle_id([a, b]) != bundle_id([b, a]) and len(bundle_id([a, b])) == 12
-    from export.bundle_writer import _json_safe
+    from spine_edge.export.bundle_writer import _json_safe
 
     assert _json_safe({"x": math.nan, "y": (1.0, np.float32(2.5)), "z": tmp_path}) == {
         "x": None, "y": [1.0, 2.5], "z": str(tmp_path)}

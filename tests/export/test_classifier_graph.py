@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.classifier_graph import read_ensemble_spec, run_ensemble
-from export.opcheck import check_trt_ops
-from export.pipeline import member_prob_tensors, run_graph
+from spine_edge.export.classifier_graph import read_ensemble_spec, run_ensemble
+from spine_edge.export.opcheck import check_trt_ops
+from spine_edge.export.pipeline import member_prob_tensors, run_graph
 from spine_edge.errors import SpineEdgeError
 from spine_edge.imageio import read_image
 from spine_edge.preprocess import letterbox

@@ -6,15 +6,15 @@ import numpy as np
 import onnx
 import pytest
 
-from export.detector_graph import (
+from spine_edge.export.detector_graph import (
     build_detector_module,
     detect_scope,
     export_detector_graph,
     head_output_nodes,
     run_detector_module,
 )
-from export.opcheck import check_trt_ops
-from export.pipeline import run_graph
+from spine_edge.export.opcheck import check_trt_ops
+from spine_edge.export.pipeline import run_graph
 from spine_edge.constants import CLASS_NAMES
 from spine_edge.errors import SpineEdgeError
 from spine_edge.imageio import read_image

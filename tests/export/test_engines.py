@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-import export.engines as engines
-from export.engines import BatchRange, BuildConfig, build_engines, plan_builds
+import spine_edge.export.engines as engines
+from spine_edge.export.engines import BatchRange, BuildConfig, build_engines, plan_builds
 from spine_edge.backends.onnxruntime import cpu_model_name
 from spine_edge.bundle import load_manifest, sha256_file, write_manifest
 from spine_edge.cli import EXIT_SETUP, main

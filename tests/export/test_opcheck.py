@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from export.opcheck import SUPPORTED_OPS_FILE, check_symmetric_qdq, check_trt_ops, load_trt_op_list, main
+from spine_edge.export.opcheck import SUPPORTED_OPS_FILE, check_symmetric_qdq, check_trt_ops, load_trt_op_list, main
 from spine_edge.errors import BundleError
 from tests.export.conftest import single_node_graph, tiny_classifier
 

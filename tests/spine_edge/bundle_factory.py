@@ -31,7 +31,7 @@ from spine_edge.bundle import (
     sha256_file,
     write_manifest,
 )
-from export.bundle_writer import tensor_specs
+from spine_edge.export.bundle_writer import tensor_specs
 from spine_edge.constants import CLASS_NAMES, CLASSIFIER_PAD_VALUE, DETECTOR_PAD_VALUE
 
 OPSET = 17

@@ -17,11 +17,11 @@ import torch
 
 from spine_edge.errors import DatasetError
 from spine_edge.tta import DEFAULT_VIEWS
-from training.checkpoints import CheckpointError, load_train_state
-from training.classifier import build_training_components, size_for_epoch, train_classifier
-from training.datasets import GrayAugment
-from training.models import build_backbone, tta_classifier_from_checkpoint
-from training.profiles import ClassifierRecipe, get_profile
+from spine_edge.training.checkpoints import CheckpointError, load_train_state
+from spine_edge.training.classifier import build_training_components, size_for_epoch, train_classifier
+from spine_edge.training.datasets import GrayAugment
+from spine_edge.training.models import build_backbone, tta_classifier_from_checkpoint
+from spine_edge.training.profiles import ClassifierRecipe, get_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -27,8 +27,8 @@ import yaml
 
 from spine_edge.constants import CLASS_NAMES
 from spine_edge.errors import DatasetError, SpineEdgeError
-from training.detector import read_prepared_cache, train_detector
-from training.profiles import get_profile
+from spine_edge.training.detector import read_prepared_cache, train_detector
+from spine_edge.training.profiles import get_profile
 
 REPO = Path(__file__).resolve().parents[2]
 RARE = CLASS_NAMES.index("Vertebral collapse")
@@ -82,8 +82,8 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ext(config_dir: Path):
-    """training.yolo_ext, with ultralytics configured to use a test config dir (when first imported here)."""
-    from training.detector import import_yolo_extensions
+    """spine_edge.training.yolo_ext, with ultralytics configured to use a test config dir (when first imported here)."""
+    from spine_edge.training.detector import import_yolo_extensions
 
     return import_yolo_extensions(config_dir)
 
@@ -119,8 +119,8 @@ def tiny_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         socket.socket.connect_ex = refuse
         socket.getaddrinfo = refuse
         socket.create_connection = refuse
-        from training.detector import train_detector
-        from training.profiles import get_profile
+        from spine_edge.training.detector import train_detector
+        from spine_edge.training.profiles import get_profile
         recipe = get_profile("tiny").detector
         result = train_detector(Path({str(prepared)!r}), Path({str(out)!r}), recipe, profile_name="tiny", seed=3)
         # Ultralytics' plots label boxes through this Annotator, which finds (or downloads) Arial.ttf.
@@ -229,7 +229,7 @@ def test_checkpoint_loads_without_spine_edge(tiny_run: dict, tmp_path: Path) -> 
 
 @pytest.fixture(scope="module")
 def trainer(ext, prepared: Path, tmp_path_factory: pytest.TempPathFactory):
-    from training.detector import build_detector_trainer
+    from spine_edge.training.detector import build_detector_trainer
 
     recipe = replace(
         get_profile("tiny").detector, epochs=3, batch=2, nbs=8, close_mosaic=2, mosaic=0.5, lr0=0.02,
@@ -415,7 +415,7 @@ def test_bad_cache_raises_dataset_error(ext, prepared: Path, tmp_path: Path) -> 
 
 
 def test_refuses_weights_and_finished_resume(ext, tiny_run: dict, prepared: Path) -> None:
-    from training.detector import build_detector_trainer
+    from spine_edge.training.detector import build_detector_trainer
 
     recipe = get_profile("tiny").detector
     with pytest.raises(SpineEdgeError, match="model YAML"):

@@ -18,9 +18,9 @@ from spine_edge.cli import EXIT_SETUP, EXIT_USAGE, main
 from spine_edge.metrics import evaluate_classification
 from spine_edge.tta import DEFAULT_VIEWS
 from tests.training.conftest import write_prepared_cache
-from training.checkpoints import CheckpointError
-from training.datasets import ClassificationDataset, read_prepared
-from training.ensemble import (
+from spine_edge.training.checkpoints import CheckpointError
+from spine_edge.training.datasets import ClassificationDataset, read_prepared
+from spine_edge.training.ensemble import (
     collect_val_probs,
     grid_search_weights,
     load_dernet,
@@ -28,7 +28,7 @@ from training.ensemble import (
     train_ensemble,
     youden_threshold,
 )
-from training.profiles import get_profile
+from spine_edge.training.profiles import get_profile
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

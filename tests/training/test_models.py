@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from spine_edge.tta import DEFAULT_VIEWS, views_by_name
-from training.checkpoints import CheckpointError
-from training.models import (
+from spine_edge.training.checkpoints import CheckpointError
+from spine_edge.training.models import (
     ArchitectureError,
     DERNetEnsemble,
     GrayToModelInput,
@@ -23,7 +23,7 @@ from training.models import (
     resolve_data_config,
     zero_head,
 )
-from training.profiles import PROFILES
+from spine_edge.training.profiles import PROFILES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

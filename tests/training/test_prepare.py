@@ -15,8 +15,8 @@ import pytest
 from spine_edge.constants import CLASS_NAMES
 from spine_edge.errors import DatasetError
 from spine_edge.imageio import read_image
-from training.data.prepare import PrepareConfig, prepare_dataset, resize_long_side, yolo_label_text
-from training.data.synth import SynthConfig, generate_dataset
+from spine_edge.training.data.prepare import PrepareConfig, prepare_dataset, resize_long_side, yolo_label_text
+from spine_edge.training.data.synth import SynthConfig, generate_dataset
 from spine_edge.vindr import Box, ProblemKind
 
 LONG_SIDE = 48

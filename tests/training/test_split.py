@@ -10,7 +10,7 @@ import pytest
 
 from spine_edge.constants import CLASS_NAMES, PAPER_CLASS_FREQUENCY
 from spine_edge.errors import DatasetError
-from training.data.split import split_train_val
+from spine_edge.training.data.split import split_train_val
 from spine_edge.vindr import Box, ImageRecord
 
 VC = CLASS_NAMES.index("Vertebral collapse")

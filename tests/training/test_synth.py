@@ -20,8 +20,8 @@ from pydicom.uid import (
 from spine_edge.constants import ANNOTATION_COLUMNS, CLASS_NAMES, NO_FINDING, PAPER_CLASS_FREQUENCY
 from spine_edge.errors import DatasetError
 from spine_edge.imageio import read_image
-from training.data import synth
-from training.data.synth import (
+from spine_edge.training.data import synth
+from spine_edge.training.data.synth import (
     INSTANCE_COUNT_PROBABILITIES,
     DicomHeader,
     SynthConfig,

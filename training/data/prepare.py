@@ -34,7 +34,7 @@ from spine_edge.constants import CLASS_NAMES
 from spine_edge.errors import DatasetError, ImageReadError
 from spine_edge.imageio import read_image
 from spine_edge.io_utils import write_image_atomic, write_text_atomic
-from training.data.split import split_train_val
+from spine_edge.training.data.split import split_train_val
 from spine_edge.vindr import Box, ImageRecord, Problem, ProblemKind, read_vindr, summarize_split
 
 #: Version of the cache layout, stored in prepare.json.
