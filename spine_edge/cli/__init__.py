@@ -8,7 +8,12 @@ works on a runtime-only install.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
 
 import click
 
@@ -22,9 +27,64 @@ EXIT_SOME_INPUTS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SETUP = 3
 EXIT_GATE_FAILED = 4
+#: 128 + SIGINT: Ctrl-C, in every command (click alone would exit 1, which means "some inputs failed").
+EXIT_INTERRUPTED = 130
+#: 128 + SIGTERM: systemd's or ``docker stop``'s stop request, handled like Ctrl-C (finished results
+#: kept, CSV written) and reported with the conventional status.
+EXIT_TERMINATED = 143
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so the same cleanup as for Ctrl-C runs."""
+
+
+_MAIN_PID = os.getpid()
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _MAIN_PID:
+        # A forked worker (data synth/prepare pools) inherits the handler; it must simply die, as
+        # the default action would, so the parent's pool breaks and the parent's cleanup runs.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise Terminated
+
+
+class _Group(click.Group):
+    """The command group, with one place that turns Ctrl-C and SIGTERM into their exit codes.
+
+    Commands keep their own ``except KeyboardInterrupt`` where they have something to say (where
+    the finished results are); everything else ends here with one line instead of a traceback.
+    """
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> None:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        extra.pop("standalone_mode", None)
+        try:
+            super().main(args, prog_name, standalone_mode=False, **extra)
+        except (KeyboardInterrupt, click.exceptions.Abort) as exc:
+            # click turns KeyboardInterrupt (and so Terminated) into Abort, keeping it as the cause.
+            cause = exc if isinstance(exc, KeyboardInterrupt) else exc.__cause__ or exc.__context__
+            if isinstance(cause, Terminated):
+                click.echo("terminated (SIGTERM): finished results are kept", err=True)
+                sys.exit(EXIT_TERMINATED)
+            click.echo("interrupted: finished results are kept", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+
+
+def exit_for_interrupt(exc: KeyboardInterrupt) -> int:
+    """The exit status for an interruption: 143 for SIGTERM, 130 for Ctrl-C."""
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="spine-edge")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
