@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from spine_edge.errors import DatasetError
 from spine_edge.io_utils import write_text_atomic
 from spine_edge.metrics import compute_auroc
+from spine_edge.support import package_versions
 from spine_edge.tta import DEFAULT_VIEWS, views_by_name
 from spine_edge.training.checkpoints import (
     CheckpointError,
@@ -339,7 +339,7 @@ def _meta_base(
         "profile": profile,
         "pretrained": str(pretrained) if pretrained else "",
         "num_params": num_params,
-        "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__)},
+        "versions": package_versions(["torch", "timm"]),
     }
 
 

@@ -30,8 +30,9 @@ from typing import Any
 
 import yaml
 
-from spine_edge.errors import DatasetError, MissingDependencyError, SpineEdgeError
+from spine_edge.errors import DatasetError, SpineEdgeError
 from spine_edge.io_utils import write_bytes_atomic, write_text_atomic
+from spine_edge.support import import_optional, json_safe, package_versions
 from spine_edge.training.profiles import DetectorRecipe
 
 #: Ultralytics' run folder inside OUT (weights/last.pt, weights/best.pt, results.csv, plots).
@@ -120,11 +121,9 @@ def configure_ultralytics(config_dir: Path | None = None) -> Path:
     if "ultralytics" not in sys.modules:
         os.environ.setdefault("YOLO_CONFIG_DIR", str(own_dir))
         os.environ["YOLO_OFFLINE"] = "1"
-    try:
-        import matplotlib
-        from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
-    except ImportError as exc:
-        raise MissingDependencyError(exc.name or "ultralytics", "train", "Detector training") from exc
+    matplotlib = import_optional("matplotlib", "train", "Detector training")
+    ultralytics_utils = import_optional("ultralytics.utils", "train", "Detector training")
+    SETTINGS, USER_CONFIG_DIR = ultralytics_utils.SETTINGS, ultralytics_utils.USER_CONFIG_DIR
 
     font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     for name in ("Arial.ttf", "Arial.Unicode.ttf"):
@@ -132,7 +131,7 @@ def configure_ultralytics(config_dir: Path | None = None) -> Path:
         if not target.exists() and font.exists():
             write_bytes_atomic(target, font.read_bytes())
     if Path(USER_CONFIG_DIR).resolve().is_relative_to(own_dir.resolve()):
-        off = {k: False for k in ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")}
+        off = dict.fromkeys(("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb"), False)
         if any(SETTINGS.get(k) is not False for k in off):
             SETTINGS.update(off)
     return Path(USER_CONFIG_DIR)
@@ -388,8 +387,6 @@ def train_detector(
     metrics = collect_val_metrics(trainer.validator.metrics, data.class_names)
     epochs = int(trainer.epoch) + 1
     seconds = time.perf_counter() - start
-    from ultralytics import __version__ as ultralytics_version
-
     meta = {
         "arch": Path(recipe.model).stem,
         "imgsz": recipe.imgsz,
@@ -402,9 +399,9 @@ def train_detector(
         "seed": seed,
         "epochs": epochs,
         "train_seconds": round(seconds, 1),
-        "ultralytics_version": ultralytics_version,
+        "ultralytics_version": package_versions(["ultralytics"], missing="")["ultralytics"],
     }
-    metadata = write_text_atomic(out / METADATA_NAME, json.dumps(meta, indent=2) + "\n")
+    metadata = write_text_atomic(out / METADATA_NAME, json.dumps(json_safe(meta), indent=2, allow_nan=False) + "\n")
     return DetectorTrainResult(
         checkpoint=Path(checkpoint),
         metadata=Path(metadata),

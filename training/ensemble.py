@@ -23,6 +23,7 @@ import torch
 from spine_edge.errors import DatasetError
 from spine_edge.io_utils import write_text_atomic
 from spine_edge.metrics import ClassificationMetrics, compute_auroc, evaluate_classification
+from spine_edge.support import import_optional, json_safe
 from spine_edge.tta import DEFAULT_VIEWS, TTAView, views_by_name
 from spine_edge.training.checkpoints import CheckpointError, classifier_checkpoint_path, load_classifier_checkpoint
 from spine_edge.training.classifier import default_device, use_all_cores
@@ -201,8 +202,7 @@ def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
         >>> youden_threshold(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
         0.35
     """
-    from sklearn.metrics import roc_curve
-
+    roc_curve = import_optional("sklearn.metrics", "bench", "Choosing the ensemble threshold").roc_curve
     labels = np.asarray(labels).astype(np.int64)
     if np.unique(labels).size < 2:
         raise ValueError("Youden's J needs both classes among the labels")
@@ -296,7 +296,8 @@ def train_ensemble(prepared: Path, ckpt_dir: Path, profile: Profile) -> Ensemble
         "metrics": {name: m.to_dict() for name, m in metrics.items()},
         "search": search,
     }
-    path = write_text_atomic(ckpt_dir / ENSEMBLE_JSON, json.dumps(document, indent=2) + "\n")
+    # Strict JSON: an AUROC that is undefined (one class among the labels) is written as null.
+    path = write_text_atomic(ckpt_dir / ENSEMBLE_JSON, json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
     logger.info("ensemble weights %s, val AUROC %.4f, threshold %.4f", dict(zip(archs, weights)), auroc, threshold)
     return EnsembleResult(path, archs, weights, threshold, auroc, metrics, time.perf_counter() - started)
 
