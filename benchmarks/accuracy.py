@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from spine_edge.cascade import Cascade
-from spine_edge.errors import ImageReadError, MissingDependencyError
+from spine_edge.errors import ImageReadError
 from spine_edge.imageio import read_image
 from spine_edge.io_utils import write_text_atomic
 from spine_edge.metrics import (
@@ -50,6 +50,7 @@ from spine_edge.metrics import (
     evaluate_detection,
 )
 from spine_edge.results import CascadeResult
+from spine_edge.support import import_optional, json_safe
 from spine_edge.vindr import ImageRecord
 
 GROUND_TRUTH_FILE = "ground_truth.json"
@@ -277,19 +278,6 @@ class PrecisionAccuracy:
         })
 
 
-def json_safe(value: Any) -> Any:
-    """A copy that strict JSON accepts: NaN/inf become None, numpy scalars Python numbers, tuples lists."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def valid_indices(predictions: Mapping[str, Predictions]) -> list[int]:
     """Images every precision processed: metrics compare precisions on the same images."""
     failed = {i for p in predictions.values() for i, _ in p.errors}
@@ -427,11 +415,9 @@ def precision_recall_curves(
     gt = coco_ground_truth(truth, len(class_names))
     if not records or not gt["annotations"]:
         return {}
-    try:
-        from pycocotools.coco import COCO as coco_cls
-        from pycocotools.cocoeval import COCOeval as coco_eval_cls
-    except ImportError as exc:
-        raise MissingDependencyError("pycocotools", "bench", "Precision-recall curves") from exc
+    purpose = "Precision-recall curves"
+    coco_cls = import_optional("pycocotools.coco", "bench", purpose).COCO
+    coco_eval_cls = import_optional("pycocotools.cocoeval", "bench", purpose).COCOeval
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = coco_cls()
         coco_gt.dataset = gt

@@ -25,10 +25,13 @@ import numpy as np
 
 from spine_edge.benchmarks.latency import LatencyStats, cycle_to, summarize_latency
 from spine_edge.bundle import Manifest
-from spine_edge.errors import MissingDependencyError, SpineEdgeError
+from spine_edge.errors import SpineEdgeError
 from spine_edge.preprocess import letterbox
+from spine_edge.support import import_optional, package_versions
 
 DETECTOR_CHECKPOINT = "detector.pt"
+#: Distributions of the peers, whose versions the baseline records ("" where not installed).
+PEER_PACKAGES: tuple[str, ...] = ("torch", "timm", "ultralytics")
 
 
 @dataclass(frozen=True)
@@ -75,29 +78,12 @@ def baseline_checkpoints(manifest: Manifest, override: Path | None) -> Path | No
 
 def _import_peers() -> tuple[Any, Any, Any]:
     """torch, export's ensemble loader and ultralytics' YOLO, configured to stay offline."""
-    try:
-        import torch
-
-        from spine_edge.export.classifier_graph import build_ensemble, read_ensemble_spec
-        from spine_edge.training.detector import configure_ultralytics
-
-        configure_ultralytics()
-        from ultralytics import YOLO
-    except ImportError as exc:
-        raise MissingDependencyError(exc.name or "torch", "train", "The PyTorch baseline") from exc
-    return torch, (read_ensemble_spec, build_ensemble), YOLO
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    found = {}
-    for package in ("torch", "timm", "ultralytics"):
-        try:
-            found[package] = md.version(package)
-        except md.PackageNotFoundError:
-            found[package] = ""
-    return found
+    purpose = "The PyTorch baseline"
+    torch = import_optional("torch", "train", purpose)
+    classifier_graph = import_optional("spine_edge.export.classifier_graph", "train", purpose)
+    import_optional("spine_edge.training.detector", "train", purpose).configure_ultralytics()
+    yolo_cls = import_optional("ultralytics", "train", purpose).YOLO
+    return torch, (classifier_graph.read_ensemble_spec, classifier_graph.build_ensemble), yolo_cls
 
 
 def run_torch_baseline(
@@ -180,5 +166,5 @@ def run_torch_baseline(
         detector_predict=summarize_latency(predict_ms),
         probs=probs,
         threads=threads,
-        versions=_versions(),
+        versions=package_versions(PEER_PACKAGES, missing=""),
     )

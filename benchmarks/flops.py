@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spine_edge.errors import BundleError, MissingDependencyError
+from spine_edge.errors import BundleError
+from spine_edge.support import import_optional
 
 #: Ops whose multiply-accumulates are counted.
 COUNTED_OPS: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
@@ -57,14 +58,6 @@ class GraphFlops:
         """Plain JSON-ready dict."""
         return {"macs": self.macs, "flops": self.flops, "gflops": self.gflops, "by_op": dict(self.by_op),
                 "nodes": self.nodes, "uncounted": list(self.uncounted)}
-
-
-def _import_onnx() -> Any:
-    try:
-        import onnx
-    except ImportError as exc:
-        raise MissingDependencyError("onnx", "train", "Counting a graph's FLOPs") from exc
-    return onnx
 
 
 def _fix_dynamic_dims(model: Any, batch: int) -> None:
@@ -140,7 +133,7 @@ def count_flops(model: str | Path | Any, batch: int = 1) -> GraphFlops:
         >>> count_flops("runs/bundle/detector.fp32.onnx").gflops  # doctest: +SKIP
         1.65
     """
-    onnx = _import_onnx()
+    onnx = import_optional("onnx", "train", "Counting a graph's FLOPs")
     if isinstance(model, (str, Path)):
         try:
             proto = onnx.load(str(model))

@@ -1,4 +1,4 @@
-"""A :class:`~benchmarks.run.BenchReport` as JSON, as Markdown tables, and as PNG plots.
+"""A :class:`~benchmarks.results.BenchReport` as JSON, as Markdown tables, and as PNG plots.
 
 The first table reads like ``yolo benchmark``'s: one row per precision with its input size,
 accuracy, latency, throughput, deltas against FP32 and gate status; the PyTorch eager peer gets its
@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from spine_edge.benchmarks.accuracy import json_safe
 from spine_edge.benchmarks.latency import END_TO_END, STAGES
-from spine_edge.errors import MissingDependencyError
 from spine_edge.io_utils import write_bytes_atomic, write_text_atomic
+from spine_edge.support import import_optional, json_safe
 
 if TYPE_CHECKING:
-    from spine_edge.benchmarks.run import BenchReport, PrecisionBench
+    from spine_edge.benchmarks.results import BenchReport, PrecisionBench
 
 DASH = "–"
 
@@ -103,8 +102,8 @@ def _accuracy_tables(report: BenchReport) -> list[str]:
     header = ["Precision", "AUROC", "Sens@τ", "Spec@τ", "F1@τ", "Positives", "mAP@0.5 det", "mAP@.5:.95 det",
               "mAP@0.5 cascade", "mAP@.5:.95 cascade", "Δ cascade mAP@0.5 pt", "Flips"]
     n_images = report.data.get("evaluated", len(report.labels) if report.labels is not None else 0)
-    parts = [f"Accuracy on {n_images} test images (τ = {report.threshold:g}; boxes at the bundle's confidence threshold; "
-             "the cascade keeps boxes only above τ):", "", _table(header, rows), ""]
+    parts = [f"Accuracy on {n_images} test images (τ = {report.threshold:g}; boxes at the bundle's confidence "
+             "threshold; the cascade keeps boxes only above τ):", "", _table(header, rows), ""]
     names = list(scored[0].accuracy.detector.per_class)  # type: ignore[union-attr]
     class_rows = []
     for name in names:
@@ -123,9 +122,10 @@ def format_table(report: BenchReport) -> str:
         >>> print(format_table(run_bench(config)))  # doctest: +SKIP
         | Precision | Backend | Input (cls/det) | AUROC | ...
     """
+    env = report.environment
     parts = [f"spine-edge bench: bundle {report.bundle_id} ({report.bundle}), {report.data.get('source')} data, "
-             f"{report.environment.get('cpu')}" + (f", {report.environment['gpu']}" if report.environment.get("gpu") else "")
-             + f", {report.environment.get('threads')} threads, τ = {report.threshold:g}", ""]
+             f"{env.get('cpu')}" + (f", {env['gpu']}" if env.get("gpu") else "")
+             + f", {env.get('threads')} threads, τ = {report.threshold:g}", ""]
     header = ["Precision", "Backend", "Input (cls/det)", "AUROC", "mAP@0.5 det", "mAP@0.5 cascade", "ms/img p50",
               "ms/img p95", "images/s", "ΔAUROC pt", "ΔmAP@0.5 pt", "Flips", "Gate"]
     rows = [_summary_row(report, bench) for bench in report.precisions]
@@ -146,8 +146,8 @@ def format_table(report: BenchReport) -> str:
             cells.append(f"{_ms(stats.p50)} / {_ms(stats.p95)}" if stats else DASH)
         stage_rows.append([bench.label, *cells])
     if stage_rows:
-        parts += ["Latency per stage at batch 1, ms p50 / p95 (detector and postprocess over the images the gate passed):", "",
-                  _table(["Precision", *STAGES, "end to end"], stage_rows), ""]
+        parts += ["Latency per stage at batch 1, ms p50 / p95 (detector and postprocess over the images the gate "
+                  "passed):", "", _table(["Precision", *STAGES, "end to end"], stage_rows), ""]
 
     parts += _accuracy_tables(report)
 
@@ -183,11 +183,8 @@ def format_table(report: BenchReport) -> str:
 
 
 def _figure(width: float, height: float) -> Any:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise MissingDependencyError("matplotlib", "bench", "Writing benchmark plots") from exc
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    figure_cls = import_optional("matplotlib.figure", "bench", "Writing benchmark plots").Figure
+    return figure_cls(figsize=(width, height), dpi=100, layout="constrained")
 
 
 def _save(figure: Any, path: Path) -> Path:
@@ -201,10 +198,7 @@ def plot_roc(report: BenchReport, path: Path) -> Path | None:
     benches = [b for b in report.precisions if b.probs is not None]
     if report.labels is None or not benches or len(np.unique(report.labels)) < 2:
         return None
-    try:
-        from sklearn.metrics import roc_curve
-    except ImportError as exc:
-        raise MissingDependencyError("scikit-learn", "bench", "Plotting ROC curves") from exc
+    roc_curve = import_optional("sklearn.metrics", "bench", "Plotting ROC curves").roc_curve
     figure = _figure(5.5, 5)
     ax = figure.add_subplot()
     for bench in benches:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from spine_edge.errors import BundleError
 from spine_edge.io_utils import write_text_atomic
@@ -32,16 +33,19 @@ BUNDLE_ENV = "SPINE_EDGE_BUNDLE"
 
 #: The two models of the cascade. Defined here once; every other module imports these names.
 Role = Literal["classifier", "detector"]
-#: Numeric precisions a bundle can carry.
+ROLES: tuple[Role, ...] = get_args(Role)
+#: Numeric precisions a bundle can carry, in the order reports list them.
 Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 #: What a graph tensor carries, so the runtime finds its outputs by meaning, not by rank or name.
 #: ``image``: the uint8 [N, 1, S, S] input. ``probability``: the ensemble probability [N].
 #: ``cam``: the class-activation map [N, H', W']. ``yolo_raw``: the detector head [N, 4 + C, A].
 TensorRole = Literal["image", "probability", "cam", "yolo_raw"]
-TENSOR_ROLES: tuple[TensorRole, ...] = ("image", "probability", "cam", "yolo_raw")
+TENSOR_ROLES: tuple[TensorRole, ...] = get_args(TensorRole)
 #: ``onnx``: exported graph (ONNX Runtime runs it; TensorRT builds from it). ``tensorrt``: a plan built
 #: on the target box. ``onnx-optimized``: ONNX Runtime's optimised graph saved for this CPU/ORT version.
 ModelFormat = Literal["onnx", "tensorrt", "onnx-optimized"]
+MODEL_FORMATS: tuple[ModelFormat, ...] = get_args(ModelFormat)
 
 
 def default_bundle_path() -> Path:
@@ -80,6 +84,9 @@ class BuildInfo:
         max_batch: Largest batch of the optimisation profile.
         timing_cache: Bundle-relative path of the persisted TensorRT timing cache, or empty.
         threads: Intra-op threads chosen for a CPU build (0 for GPU builds).
+        parity: Recorded data, not read back: how the built file's outputs compared with ONNX Runtime
+            FP32 on the parity canvases at the profile's min and max batch (``spine_edge.fidelity``
+            results, the gates applied, the canvases' source); empty for CPU builds.
     """
 
     builder: str
@@ -93,6 +100,7 @@ class BuildInfo:
     max_batch: int = 1
     timing_cache: str = ""
     threads: int = 0
+    parity: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -197,6 +205,24 @@ class DetectorInfo:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """The part of the manifest's ``source`` record that is read back; the rest stays recorded data.
+
+    Attributes:
+        checkpoints: The checkpoint folder the bundle was exported from (a workstation path, so it
+            may not exist where the bundle runs), or None when the manifest does not record one.
+    """
+
+    checkpoints: Path | None = None
+
+    @staticmethod
+    def from_record(source: Mapping[str, Any]) -> Provenance:
+        """Read it from a manifest's ``source`` dict (as ``spine-edge export`` writes it)."""
+        checkpoints = source.get("checkpoints")
+        return Provenance(checkpoints=Path(checkpoints) if isinstance(checkpoints, str) and checkpoints else None)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The parsed ``manifest.json`` of a bundle.
 
@@ -210,7 +236,8 @@ class Manifest:
         models: Every model file.
         calibration: Summary of INT8 calibration data (count, source, method).
         accuracy: The export-time accuracy report (deltas against FP32).
-        source: Checkpoint provenance (paths, data fingerprint, metrics).
+        source: Checkpoint provenance (paths, data fingerprint, metrics); :attr:`provenance` is the
+            typed view of what is read back from it.
     """
 
     schema_version: int
@@ -227,15 +254,20 @@ class Manifest:
     def find(self, role: Role, precision: Precision, fmt: ModelFormat, target: str | None = None) -> ModelEntry | None:
         """The entry for a role/precision/format (and target, if given), or None."""
         for entry in self.models:
-            if entry.role == role and entry.precision == precision and entry.format == fmt:
-                if target is None or entry.target in (target, "any"):
-                    return entry
+            same = entry.role == role and entry.precision == precision and entry.format == fmt
+            if same and (target is None or entry.target in (target, "any")):
+                return entry
         return None
 
-    def precisions(self, role: Role, fmt: ModelFormat | None = None) -> tuple[str, ...]:
+    @property
+    def provenance(self) -> Provenance:
+        """The typed view of :attr:`source` (where the bundle was exported from)."""
+        return Provenance.from_record(self.source)
+
+    def precisions(self, role: Role, fmt: ModelFormat | None = None) -> tuple[Precision, ...]:
         """Precisions available for a role, in the order fp32, fp16, int8."""
         have = {e.precision for e in self.models if e.role == role and (fmt is None or e.format == fmt)}
-        return tuple(p for p in ("fp32", "fp16", "int8") if p in have)
+        return tuple(p for p in PRECISIONS if p in have)
 
     def with_models(self, models: tuple[ModelEntry, ...]) -> Manifest:
         """A copy with another model list (used when engines are added)."""
@@ -255,19 +287,26 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _known(value: Any, known: tuple[str, ...], what: str) -> Any:
+    """``value`` if it is one of ``known``, so a parsed field really has its ``Literal`` type."""
+    if value not in known:
+        raise ValueError(f"{what} {value!r} is not one of {', '.join(known)}")
+    return value
+
+
 def _spec(d: dict[str, Any]) -> TensorSpec:
     role = d.get("role")
-    if role is not None and role not in TENSOR_ROLES:
-        raise ValueError(f"tensor {d.get('name')!r} has unknown role {role!r} (known: {', '.join(TENSOR_ROLES)})")
+    if role is not None:
+        _known(role, TENSOR_ROLES, f"tensor {d.get('name')!r} has role")
     return TensorSpec(name=d["name"], shape=tuple(d["shape"]), dtype=d["dtype"], role=role)
 
 
 def _entry(d: dict[str, Any]) -> ModelEntry:
     build = d.get("build")
     return ModelEntry(
-        role=d["role"],
-        precision=d["precision"],
-        format=d["format"],
+        role=_known(d["role"], ROLES, "model role"),
+        precision=_known(d["precision"], PRECISIONS, f"{d['file']!r} has precision"),
+        format=_known(d["format"], MODEL_FORMATS, f"{d['file']!r} has format"),
         file=d["file"],
         sha256=d["sha256"],
         inputs=tuple(_spec(s) for s in d["inputs"]),

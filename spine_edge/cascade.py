@@ -27,14 +27,15 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
 from spine_edge.backends import Backend, BackendChoice, ModelSelection, PrecisionChoice, create_backend, select_model
 from spine_edge.backends.onnxruntime import ProviderChoice
-from spine_edge.bundle import Manifest, default_bundle_path, load_manifest
+from spine_edge.bundle import Manifest, Role, default_bundle_path, load_manifest
 from spine_edge.errors import BackendError, BundleError, ImageReadError
+
 # The reader's own 16-bit mapping, so an array handed in by a kiosk looks like the same image read
 # from a 16-bit PNG (imageio keeps it private; see the report to make it public).
 from spine_edge.imageio import gray_to_uint8, read_image
@@ -43,7 +44,8 @@ from spine_edge.preprocess import Letterbox, letterbox
 from spine_edge.results import CascadeResult, Detection, StageLatency
 
 if TYPE_CHECKING:
-    from typing import Self
+    # typing.Self is 3.11+; this project supports 3.10, and the annotation is never evaluated at run time.
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,11 @@ ARRAY_SOURCE = "<array>"
 class CascadeConfig:
     """How to build and run a :class:`Cascade`.
 
+    Every setting has its one default here: ``Cascade.from_bundle`` and the ``spine-edge infer`` options
+    take theirs from these fields.
+
     Attributes:
-        bundle: The bundle folder.
+        bundle: The bundle folder; None for the default location (:attr:`bundle_dir`).
         precision: ``fp32``, ``fp16``, ``int8`` or ``auto`` (see :mod:`spine_edge.backends`).
         backend: ``onnxruntime``, ``tensorrt`` or ``auto``.
         provider: ONNX Runtime provider (``cpu``, ``cuda``, ``tensorrt``), None for automatic.
@@ -70,7 +75,7 @@ class CascadeConfig:
         threads: ONNX Runtime intra-op threads (None: the cores available).
     """
 
-    bundle: Path
+    bundle: Path | None = None
     precision: PrecisionChoice = "auto"
     backend: BackendChoice = "auto"
     provider: ProviderChoice | None = None
@@ -85,6 +90,24 @@ class CascadeConfig:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.read_workers < 1:
             raise ValueError(f"read_workers must be at least 1, got {self.read_workers}")
+
+    @property
+    def bundle_dir(self) -> Path:
+        """The bundle folder that runs: :attr:`bundle`, or ``$SPINE_EDGE_BUNDLE`` / ``runs/bundle`` when None.
+
+        The only place the default location is resolved, so the cascade, its log lines and its error
+        messages all name the same folder.
+        """
+        return Path(self.bundle) if self.bundle is not None else default_bundle_path()
+
+
+class _Stamp(TypedDict):
+    """The fields every result of one cascade shares, ok or error."""
+
+    threshold: float
+    bundle_id: str
+    precision: str
+    backend: str
 
 
 @dataclass(frozen=True)
@@ -117,7 +140,9 @@ def _graph(backend: Backend, selection: ModelSelection, size: int, pad_value: in
     specs = backend.input_specs()
     role = selection.entry.role
     if len(specs) != 1:
-        raise BundleError(f"the {role} graph has inputs {sorted(specs)}, expected one image input; re-export the bundle")
+        raise BundleError(
+            f"the {role} graph has inputs {sorted(specs)}, expected one image input; re-export the bundle"
+        )
     name, spec = next(iter(specs.items()))
     if len(spec.shape) != 4 or any(isinstance(d, int) and d != size for d in spec.shape[2:]):
         raise BundleError(
@@ -142,7 +167,7 @@ def _prepare(source: Source, size: int, pad_value: int) -> _Prepared:
     name = ARRAY_SOURCE if isinstance(source, np.ndarray) else str(source)
     start = time.perf_counter()
     try:
-        image = _array_image(source) if isinstance(source, np.ndarray) else read_image(source).image
+        image = _array_image(source) if isinstance(source, np.ndarray) else read_image(Path(source)).image
     except ImageReadError as exc:
         reason = exc.reason + (f" ({exc.hint})" if exc.hint else "")
         return _Prepared(name, (time.perf_counter() - start) * 1e3, error=reason)
@@ -164,8 +189,8 @@ def _prepare(source: Source, size: int, pad_value: int) -> _Prepared:
 class Cascade:
     """Classifier → gate → detector over a bundle, on ONNX Runtime or TensorRT.
 
-    Build it with :meth:`from_bundle`; it holds both graphs loaded until :meth:`close` (or the end of
-    a ``with`` block).
+    Build it with :meth:`from_config` (or :meth:`from_bundle`, its keyword form); it holds both graphs
+    loaded until :meth:`close` (or the end of a ``with`` block).
 
     Example:
         >>> with Cascade.from_bundle("runs/bundle", precision="fp32") as cascade:  # doctest: +SKIP
@@ -198,58 +223,48 @@ class Cascade:
         )
         backends = {classifier.backend.describe(), detector.backend.describe()}
         self.backend = (
-            backends.pop() if len(backends) == 1 else f"classifier={classifier.backend.describe()},detector={detector.backend.describe()}"
+            backends.pop()
+            if len(backends) == 1
+            else f"classifier={classifier.backend.describe()},detector={detector.backend.describe()}"
         )
 
     @classmethod
-    def from_bundle(
-        cls,
-        path: str | Path | None = None,
-        precision: PrecisionChoice = "auto",
-        backend: BackendChoice = "auto",
-        provider: ProviderChoice | None = None,
-        batch_size: int = 4,
-        force_detector: bool = False,
-        heatmaps: bool = True,
-        read_workers: int = 2,
-        threads: int | None = None,
-    ) -> Cascade:
-        """Load a bundle's classifier and detector (see :class:`CascadeConfig` for the arguments).
+    def from_bundle(cls, path: str | Path | None = None, **settings: Any) -> Cascade:
+        """Load a bundle's classifier and detector: :meth:`from_config` with ``CascadeConfig(path, **settings)``.
 
-        ``path`` defaults to ``$SPINE_EDGE_BUNDLE`` or ``runs/bundle``. Only the two files that will
-        run are hashed, not the whole bundle.
+        Args:
+            path: The bundle folder; None for ``$SPINE_EDGE_BUNDLE`` or ``runs/bundle``.
+            **settings: Any other :class:`CascadeConfig` field (``precision``, ``backend``, ``batch_size``...).
+
+        Raises:
+            TypeError: A setting that is not a :class:`CascadeConfig` field.
+            BundleError, BackendError, MissingDependencyError: As :meth:`from_config`.
+        """
+        return cls.from_config(CascadeConfig(bundle=None if path is None else Path(path), **settings))
+
+    @classmethod
+    def from_config(cls, config: CascadeConfig) -> Cascade:
+        """Load the bundle's classifier and detector as ``config`` says.
+
+        Only the two files that will run are hashed, not the whole bundle.
 
         Raises:
             BundleError: Missing/corrupt bundle, or no file for the requested precision/backend.
             BackendError: The inference library cannot load or run the graph here.
             MissingDependencyError: The chosen library is not installed.
         """
-        config = CascadeConfig(
-            bundle=Path(path) if path is not None else default_bundle_path(),
-            precision=precision,
-            backend=backend,
-            provider=provider,
-            batch_size=batch_size,
-            force_detector=force_detector,
-            heatmaps=heatmaps,
-            read_workers=read_workers,
-            threads=threads,
-        )
-        return cls.from_config(config)
-
-    @classmethod
-    def from_config(cls, config: CascadeConfig) -> Cascade:
-        """Load a bundle as :meth:`from_bundle` does, from a :class:`CascadeConfig`."""
-        manifest = load_manifest(config.bundle, verify=False)
+        bundle = config.bundle_dir
+        manifest = load_manifest(bundle, verify=False)
         backends: list[Backend] = []
         graphs: list[_Graph] = []
+        plan: tuple[tuple[Role, int, int], ...] = (
+            ("classifier", manifest.classifier.input_size, manifest.classifier.pad_value),
+            ("detector", manifest.detector.input_size, manifest.detector.pad_value),
+        )
         try:
-            for role, size, pad in (
-                ("classifier", manifest.classifier.input_size, manifest.classifier.pad_value),
-                ("detector", manifest.detector.input_size, manifest.detector.pad_value),
-            ):
-                selection = select_model(manifest, role, config.precision, config.backend, config.provider)  # type: ignore[arg-type]
-                backends.append(create_backend(config.bundle, manifest, selection, threads=config.threads))
+            for role, size, pad in plan:
+                selection = select_model(manifest, role, config.precision, config.backend, config.provider)
+                backends.append(create_backend(bundle, manifest, selection, threads=config.threads))
                 graphs.append(_graph(backends[-1].activate(), selection, size, pad, config.batch_size))
             return cls(config, manifest, graphs[0], graphs[1])
         except BaseException:
@@ -344,7 +359,9 @@ class Cascade:
         elapsed = (time.perf_counter() - start) * 1e3
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}, elapsed
 
-    def _detect(self, ok: list[_Prepared], gated: list[int]) -> tuple[dict[int, tuple[Detection, ...]], float, float, float]:
+    def _detect(
+        self, ok: list[_Prepared], gated: list[int]
+    ) -> tuple[dict[int, tuple[Detection, ...]], float, float, float]:
         """Detector over ``ok[i] for i in gated``: detections by index, and preprocess/detector/postprocess ms."""
         if not gated:
             return {}, 0.0, 0.0, 0.0
@@ -365,7 +382,7 @@ class Cascade:
         return found, pre_ms, det_ms, (time.perf_counter() - start) * 1e3
 
     def _run_batch(self, items: list[_Prepared]) -> list[CascadeResult]:
-        base = {
+        base: _Stamp = {
             "threshold": self.threshold,
             "bundle_id": self.manifest.bundle_id,
             "precision": self.precision,
@@ -378,7 +395,11 @@ class Cascade:
             probs = outputs[self._prob_name].astype(np.float64)
             cams = outputs[self._cam_name] if self.config.heatmaps else None
             finite = np.isfinite(probs)
-            gated = [i for i, prob in enumerate(probs) if finite[i] and (self.config.force_detector or prob >= self.threshold)]
+            gated = [
+                i
+                for i, prob in enumerate(probs)
+                if finite[i] and (self.config.force_detector or prob >= self.threshold)
+            ]
             detections, det_pre_ms, det_ms, post_ms = self._detect(ok, gated)
             for i, item in enumerate(ok):
                 if not finite[i]:
@@ -408,9 +429,11 @@ class Cascade:
                 )
         return [outcome[id(item)] if id(item) in outcome else self._error(item, base) for item in items]
 
-    def _error(self, item: _Prepared, base: dict[str, object]) -> CascadeResult:
+    def _error(self, item: _Prepared, base: _Stamp) -> CascadeResult:
         reason = item.error or (
             f"the classifier returned a non-finite probability for this image; the {self.precision} model misbehaves "
             "on it: compare with --precision fp32"
         )
-        return CascadeResult(source=item.source, status="error", error=reason, latency_ms=StageLatency(read=item.read_ms), **base)  # type: ignore[arg-type]
+        return CascadeResult(
+            source=item.source, status="error", error=reason, latency_ms=StageLatency(read=item.read_ms), **base
+        )

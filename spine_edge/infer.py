@@ -25,15 +25,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from spine_edge.backends import BackendChoice, PrecisionChoice
-from spine_edge.backends.onnxruntime import ProviderChoice
-from spine_edge.bundle import default_bundle_path
 from spine_edge.cascade import Cascade, CascadeConfig
 from spine_edge.errors import SpineEdgeError
 from spine_edge.imageio import find_images
@@ -51,33 +48,28 @@ HEATMAP_DIR = "heatmaps"
 
 @dataclass(frozen=True)
 class InferConfig:
-    """A folder run.
+    """A folder run: where to read and write, and the cascade that runs (its settings live only there).
 
     Attributes:
         folder: Input folder, scanned recursively (``spine_edge.imageio.find_images``).
         out: Output folder; None for ``<folder>_results`` next to it.
-        bundle: Bundle folder; None for ``$SPINE_EDGE_BUNDLE`` or ``runs/bundle``.
-        precision: See :class:`spine_edge.cascade.CascadeConfig`.
-        backend: See :class:`spine_edge.cascade.CascadeConfig`.
-        provider: See :class:`spine_edge.cascade.CascadeConfig`.
-        batch_size: Images per model call.
-        force_detector: Run the detector on every image.
-        overlays: Write overlay and heatmap PNGs.
         resume: Skip inputs already ``ok`` in results.jsonl (see the module docstring).
-        workers: Threads reading images ahead of the model.
+        overlays: Write overlay and heatmap PNGs. The class-activation map only feeds the heatmap
+            PNGs (results.jsonl does not record it), so without them the run loads the cascade with
+            ``heatmaps=False`` whatever ``cascade.heatmaps`` says (:attr:`cascade_to_load`).
+        cascade: Bundle, precision, backend, batch size, read workers... (:class:`CascadeConfig`).
     """
 
     folder: Path
     out: Path | None = None
-    bundle: Path | None = None
-    precision: PrecisionChoice = "auto"
-    backend: BackendChoice = "auto"
-    provider: ProviderChoice | None = None
-    batch_size: int = 4
-    force_detector: bool = False
-    overlays: bool = True
     resume: bool = False
-    workers: int = 2
+    overlays: bool = True
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+
+    @property
+    def cascade_to_load(self) -> CascadeConfig:
+        """:attr:`cascade` as this run loads it: no CAMs kept when no heatmap PNG will be drawn."""
+        return self.cascade if self.overlays else replace(self.cascade, heatmaps=False)
 
 
 @dataclass(frozen=True)
@@ -131,15 +123,15 @@ def write_pictures(result: CascadeResult, relative: Path, out: Path) -> CascadeR
     if not result.ok or result.image is None:
         return result
     name = relative.with_name(relative.name + ".png")
-    changes: dict[str, str] = {}
+    overlay = heatmap = None
     if result.decision or result.detections:
         write_image_atomic(out / OVERLAY_DIR / name, draw_detections(result.image, result.detections))
-        changes["overlay"] = (Path(OVERLAY_DIR) / name).as_posix()
-    heatmap = result.heatmap_image() if result.decision else None
-    if heatmap is not None:
-        write_image_atomic(out / HEATMAP_DIR / name, draw_heatmap(result.image, heatmap))
-        changes["heatmap"] = (Path(HEATMAP_DIR) / name).as_posix()
-    return replace(result, **changes) if changes else result
+        overlay = (Path(OVERLAY_DIR) / name).as_posix()
+    cam = result.heatmap_image() if result.decision else None
+    if cam is not None:
+        write_image_atomic(out / HEATMAP_DIR / name, draw_heatmap(result.image, cam))
+        heatmap = (Path(HEATMAP_DIR) / name).as_posix()
+    return replace(result, overlay=overlay, heatmap=heatmap)
 
 
 def run_folder(
@@ -162,7 +154,8 @@ def run_folder(
         SpineEdgeError: The input folder cannot be scanned or the output folder created.
 
     Example:
-        >>> report = run_folder(InferConfig(Path("incoming")))  # doctest: +SKIP
+        >>> config = InferConfig(Path("incoming"), cascade=CascadeConfig(precision="int8"))
+        >>> report = run_folder(config)  # doctest: +SKIP
         >>> report.failed, report.out
         (0, PosixPath('/data/incoming_results'))
     """
@@ -171,7 +164,9 @@ def run_folder(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise SpineEdgeError(f"{out}: cannot create the output folder ({exc.strerror or exc}); choose another with -o") from exc
+        raise SpineEdgeError(
+            f"{out}: cannot create the output folder ({exc.strerror or exc}); choose another with -o"
+        ) from exc
     # An output folder inside the input folder must not feed its own PNGs back in on the next run.
     images = [p for p in find_images(folder) if not p.is_relative_to(out)]
     jsonl = out / JSONL_NAME
@@ -181,21 +176,15 @@ def run_folder(
         if record["status"] == "ok"
     }
     todo = [p for p in images if str(p) not in finished]
-    cascade = Cascade.from_config(
-        CascadeConfig(
-            bundle=config.bundle or default_bundle_path(),
-            precision=config.precision,
-            backend=config.backend,
-            provider=config.provider,
-            batch_size=config.batch_size,
-            force_detector=config.force_detector,
-            heatmaps=config.overlays,
-            read_workers=config.workers,
-        )
-    )
+    cascade = Cascade.from_config(config.cascade_to_load)
     log.info(
         "%d images in %s (%d already done), bundle %s, %s %s",
-        len(images), folder, len(images) - len(todo), cascade.manifest.bundle_id, cascade.backend, cascade.precision,
+        len(images),
+        folder,
+        len(images) - len(todo),
+        cascade.manifest.bundle_id,
+        cascade.backend,
+        cascade.precision,
     )
     start = time.perf_counter()
     try:
@@ -209,7 +198,7 @@ def run_folder(
                 if config.overlays:
                     result = write_pictures(result, Path(result.source).relative_to(folder), out)
                 writer.write(result.to_dict())
-                if count % config.batch_size == 0:
+                if count % cascade.config.batch_size == 0:
                     writer.sync()
                 if not result.ok:
                     log.warning("%s: %s", result.source, result.error)

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from spine_edge.errors import MissingDependencyError
+from spine_edge.support import import_optional
+
 
 @dataclass(frozen=True)
 class ClassificationMetrics:
@@ -101,11 +102,7 @@ class DetectionMetrics:
 
 
 def _sklearn_metrics() -> Any:
-    try:
-        from sklearn import metrics
-    except ImportError as exc:
-        raise MissingDependencyError("scikit-learn", "bench", "Computing AUROC / sensitivity / F1") from exc
-    return metrics
+    return import_optional("sklearn.metrics", "bench", "Computing AUROC / sensitivity / F1")
 
 
 def compute_auroc(labels: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float]) -> float:
@@ -156,12 +153,10 @@ def evaluate_classification(
 
 
 def _coco_eval_classes() -> tuple[Any, Any]:
-    try:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError as exc:
-        raise MissingDependencyError("pycocotools", "bench", "Computing detection mAP") from exc
-    return COCO, COCOeval
+    purpose = "Computing detection mAP"
+    coco = import_optional("pycocotools.coco", "bench", purpose)
+    cocoeval = import_optional("pycocotools.cocoeval", "bench", purpose)
+    return coco.COCO, cocoeval.COCOeval
 
 
 def _xywh(boxes: np.ndarray) -> np.ndarray:
@@ -174,7 +169,7 @@ def coco_ground_truth(ground_truth: Sequence[ImageBoxes], num_classes: int) -> d
 
     Annotation ids start at 1 because pycocotools reads id 0 as "unmatched".
     """
-    annotations = []
+    annotations: list[dict[str, Any]] = []
     for image_index, truth in enumerate(ground_truth):
         for box, cls in zip(_xywh(truth.boxes), np.asarray(truth.classes).ravel(), strict=True):
             annotations.append(

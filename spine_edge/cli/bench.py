@@ -2,28 +2,67 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from spine_edge.bundle import default_bundle_path
+from spine_edge.backends import BackendChoice
+from spine_edge.backends.onnxruntime import ProviderChoice
+from spine_edge.bundle import Precision
+from spine_edge.cascade import CascadeConfig
 from spine_edge.cli import EXIT_GATE_FAILED, EXIT_OK, EXIT_SETUP, EXIT_USAGE, fail
 from spine_edge.cli.infer import EXIT_INTERRUPTED
-from spine_edge.errors import MissingDependencyError, SpineEdgeError
+from spine_edge.config import field_default, literal_values
+from spine_edge.errors import SpineEdgeError
+from spine_edge.support import import_optional
 
-#: Import name → pip package, for the ``bench`` extra's packages that accuracy needs.
-_ACCURACY_PACKAGES = {"sklearn": "scikit-learn", "pycocotools": "pycocotools"}
+#: Import names of the ``bench`` extra's packages that accuracy needs.
+_ACCURACY_MODULES = ("sklearn", "pycocotools")
 
 
-def _require(packages: dict[str, str], purpose: str) -> None:
-    """Import each package or raise MissingDependencyError naming the ``bench`` extra."""
-    for module, package in packages.items():
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise MissingDependencyError(package, "bench", purpose) from exc
+def _cascade_default(name: str) -> Any:
+    """The default of a CascadeConfig field (the runtime module: imported here, unlike benchmarks)."""
+    return field_default(CascadeConfig, name)
+
+
+def _bench_default(name: str, to_option: Callable[[Any], Any] | None = None) -> Callable[[], Any]:
+    """The default of a BenchConfig field, read when click asks for it (options with ``cls=_LazyDefault``).
+
+    ``spine_edge`` imports benchmarks only inside a command (docs/CONTRACTS.md), so BenchConfig is
+    imported when the default is needed, not when this module loads.
+
+    Args:
+        name: A BenchConfig field.
+        to_option: Turns the field's value into what the option parses (e.g. ``(1, 4, 8)`` into ``"1,4,8"``).
+    """
+
+    def read() -> Any:
+        from spine_edge.benchmarks.config import BenchConfig
+
+        value = field_default(BenchConfig, name)
+        return value if to_option is None else to_option(value)
+
+    return read
+
+
+class _LazyDefault(click.Option):
+    """An option whose default is a :func:`_bench_default`, resolved for ``--help`` too (else "(dynamic)")."""
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        return super().get_default(ctx, call=True)
+
+
+def _comma_separated(sizes: tuple[int, ...]) -> str:
+    """``(1, 4, 8)`` as ``--batch-sizes`` takes it: ``"1,4,8"``."""
+    return ",".join(map(str, sizes))
+
+
+def _stage_budget_options(budgets: tuple[tuple[str, float], ...]) -> tuple[str, ...]:
+    """``(("classifier", 200.0),)`` as ``--stage-budget`` takes it: ``("classifier=200",)``."""
+    return tuple(f"{stage}={ms:g}" for stage, ms in budgets)
 
 
 def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -37,7 +76,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 
 
 def _stage_budgets(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
-    from spine_edge.benchmarks.run import BUDGET_STAGES
+    from spine_edge.benchmarks.config import BUDGET_STAGES
 
     budgets = []
     for item in value:
@@ -53,44 +92,56 @@ def _stage_budgets(ctx: click.Context, param: click.Parameter, value: tuple[str,
 
 
 @click.command()
-@click.option("--bundle", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--bundle", type=click.Path(file_okay=False, path_type=Path), default=_cascade_default("bundle"),
               help="Bundle folder [default: $SPINE_EDGE_BUNDLE or runs/bundle].")
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), cls=_LazyDefault,
+              default=_bench_default("data"),
               help="VinDr-layout folder whose TEST split measures accuracy. Without it: latency only, on "
                    "synthetic radiographs at real sizes.")
-@click.option("--precision", "precisions", type=click.Choice(["fp32", "fp16", "int8"]), multiple=True,
+@click.option("--precision", "precisions", type=click.Choice(literal_values(Precision)), multiple=True,
+              cls=_LazyDefault, default=_bench_default("precisions"),
               help="Precision to benchmark (repeat for several) [default: all the bundle has]. With --data, "
                    "fp32 always runs as the reference.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
+@click.option("--backend", type=click.Choice(literal_values(BackendChoice)), default=_cascade_default("backend"),
+              show_default=True)
+@click.option("--provider", type=click.Choice(literal_values(ProviderChoice)), default=_cascade_default("provider"),
               help="ONNX Runtime execution provider [default: fastest available].")
-@click.option("--batch-sizes", default="1,4,8", show_default=True, callback=_batch_sizes,
-              help="Batch sizes for throughput and the models alone.")
-@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed images per measurement.")
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed images first.")
-@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate at most N test images.")
-@click.option("--baseline/--no-baseline", default=True, show_default=True,
+@click.option("--batch-sizes", cls=_LazyDefault, default=_bench_default("batch_sizes", _comma_separated),
+              show_default=True, callback=_batch_sizes, help="Batch sizes for throughput and the models alone.")
+@click.option("--runs", type=click.IntRange(min=1), cls=_LazyDefault, default=_bench_default("runs"),
+              show_default=True, help="Timed images per measurement.")
+@click.option("--warmup", type=click.IntRange(min=0), cls=_LazyDefault, default=_bench_default("warmup"),
+              show_default=True, help="Untimed images first.")
+@click.option("--max-images", type=click.IntRange(min=1), cls=_LazyDefault, default=_bench_default("max_images"),
+              help="Evaluate at most N test images.")
+@click.option("--baseline/--no-baseline", cls=_LazyDefault, default=_bench_default("baseline"), show_default=True,
               help="Also time PyTorch eager on the same checkpoints (needs torch; skipped with a note otherwise).")
-@click.option("--checkpoints", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--checkpoints", type=click.Path(file_okay=False, path_type=Path), cls=_LazyDefault,
+              default=_bench_default("checkpoints"),
               help="Checkpoint folder of the baseline [default: the one the manifest records].")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads [default: cores available].")
+@click.option("--threads", type=click.IntRange(min=1), default=_cascade_default("threads"),
+              help="Intra-op threads [default: cores available].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the full report as JSON.")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write ROC, precision-recall and latency PNGs into this folder.")
-@click.option("--save-predictions", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--save-predictions", type=click.Path(file_okay=False, path_type=Path), cls=_LazyDefault,
+              default=_bench_default("save_predictions"),
               help="Write ground truth and each precision's predictions as COCO JSON (needs --data).")
-@click.option("--budget-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--budget-ms", type=click.FloatRange(min=0, min_open=True), cls=_LazyDefault,
+              default=_bench_default("budget_ms"),
               help="Fail (exit 4) when a precision's end-to-end p95 latency exceeds this.")
-@click.option("--stage-budget", "stage_budgets", multiple=True, callback=_stage_budgets, metavar="STAGE=MS",
+@click.option("--stage-budget", "stage_budgets", multiple=True, cls=_LazyDefault,
+              default=_bench_default("stage_budgets", _stage_budget_options), callback=_stage_budgets,
+              metavar="STAGE=MS",
               help="Fail when a stage's p95 exceeds MS (stages: read, preprocess, classifier, detector, "
                    "postprocess, end_to_end); repeatable.")
 def bench(
     bundle: Path | None,
     data: Path | None,
     precisions: tuple[str, ...],
-    backend: str,
-    provider: str | None,
+    backend: BackendChoice,
+    provider: ProviderChoice | None,
     batch_sizes: tuple[int, ...],
     runs: int,
     warmup: int,
@@ -117,25 +168,24 @@ def bench(
     quiet = bool(click.get_current_context().find_root().params.get("quiet"))
     try:
         if data is not None:
-            _require(_ACCURACY_PACKAGES, "Measuring AUROC and mAP (spine-edge bench --data)")
+            for module in _ACCURACY_MODULES:
+                import_optional(module, "bench", "Measuring AUROC and mAP (spine-edge bench --data)")
         if plots is not None:
-            _require({"matplotlib": "matplotlib"}, "Writing benchmark plots (spine-edge bench --plots)")
+            import_optional("matplotlib", "bench", "Writing benchmark plots (spine-edge bench --plots)")
+        from spine_edge.benchmarks.config import BenchConfig
         from spine_edge.benchmarks.report import format_table, write_json, write_plots
-        from spine_edge.benchmarks.run import BenchConfig, run_bench
+        from spine_edge.benchmarks.run import run_bench
 
         config = BenchConfig(
-            bundle=bundle if bundle is not None else default_bundle_path(),
+            cascade=CascadeConfig(bundle=bundle, backend=backend, provider=provider, threads=threads),
             data=data,
             precisions=precisions,
-            backend=backend,  # type: ignore[arg-type]
-            provider=provider,  # type: ignore[arg-type]
             batch_sizes=batch_sizes,
             runs=runs,
             warmup=warmup,
             max_images=max_images,
             baseline=baseline,
             checkpoints=checkpoints,
-            threads=threads,
             budget_ms=budget_ms,
             stage_budgets=stage_budgets,
             save_predictions=save_predictions,

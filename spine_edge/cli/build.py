@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from spine_edge.bundle import default_bundle_path
+from spine_edge.bundle import PRECISIONS, Precision, default_bundle_path
 from spine_edge.cli import EXIT_SETUP, fail
 from spine_edge.errors import SpineEdgeError
 
@@ -25,19 +25,33 @@ from spine_edge.errors import SpineEdgeError
     "--precision",
     "precisions",
     multiple=True,
-    type=click.Choice(["fp32", "fp16", "int8"]),
+    type=click.Choice(PRECISIONS),
     help="Build only this precision (repeatable). Default: every precision the bundle provides.",
 )
-@click.option("--max-batch", type=click.IntRange(min=1), default=None,
-              help="Largest batch the engines accept (default: 8 classifier, 4 detector).")
-@click.option("--workspace-mb", type=click.IntRange(min=16), default=1024, show_default=True,
-              help="TensorRT builder workspace limit in MiB (1024 fits a 4 GB card).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="ONNX Runtime intra-op threads; 0 uses every available core.")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Largest batch the engines accept (default: 8 classifier, 4 detector).",
+)
+@click.option(
+    "--workspace-mb",
+    type=click.IntRange(min=16),
+    default=1024,
+    show_default=True,
+    help="TensorRT builder workspace limit in MiB (1024 fits a 4 GB card).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="ONNX Runtime intra-op threads; 0 uses every available core.",
+)
 def build_engines(
     bundle: Path | None,
     target: str,
-    precisions: tuple[str, ...],
+    precisions: tuple[Precision, ...],
     max_batch: int | None,
     workspace_mb: int,
     threads: int,
@@ -52,7 +66,7 @@ def build_engines(
     defaults = BuildConfig()
     config = BuildConfig(
         target=target,  # type: ignore[arg-type]  # click.Choice restricts it to the Target literals
-        precisions=precisions,  # type: ignore[arg-type]
+        precisions=precisions,
         classifier_batch=defaults.classifier_batch.capped(max_batch) if max_batch else defaults.classifier_batch,
         detector_batch=defaults.detector_batch.capped(max_batch) if max_batch else defaults.detector_batch,
         workspace_mib=workspace_mb,
@@ -67,7 +81,11 @@ def build_engines(
     click.echo(report.reason)
     click.echo(f"{'file':<48} {'precision':<9} {'size':>10} {'seconds':>8}")
     for model in report.built:
-        size = f"{model.size_bytes / 2**20:.1f} MiB" if model.size_bytes >= 2**20 else f"{model.size_bytes / 2**10:.1f} KiB"
+        size = (
+            f"{model.size_bytes / 2**20:.1f} MiB"
+            if model.size_bytes >= 2**20
+            else f"{model.size_bytes / 2**10:.1f} KiB"
+        )
         click.echo(f"{model.file:<48} {model.precision:<9} {size:>10} {model.seconds:>8.2f}")
     for skipped in report.skipped:
         click.echo(f"skipped {skipped.role} {skipped.precision}: {skipped.reason}")

@@ -8,12 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spine_edge.benchmarks.run import BenchConfig, run_bench
+from spine_edge.benchmarks.config import BenchConfig
+from spine_edge.benchmarks.run import run_bench
+from spine_edge.cascade import CascadeConfig
 
 HAS_PEERS = all(importlib.util.find_spec(name) for name in ("torch", "timm", "ultralytics"))
 needs_torch = pytest.mark.skipif(not HAS_PEERS, reason="the PyTorch baseline needs torch, timm and ultralytics")
 
-TINY = {"precisions": ("fp32",), "batch_sizes": (1,), "runs": 2, "warmup": 1, "threads": 1, "progress": False}
+TINY = {"precisions": ("fp32",), "batch_sizes": (1,), "runs": 2, "warmup": 1, "progress": False}
+
+
+def _tiny_cascade(bundle: Path) -> CascadeConfig:
+    return CascadeConfig(bundle, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_baseline_runs_both_peers_and_speedups_are_ratios_of_this_run(
     checkpoints: Path, good_bundle: Path, toy_vindr: Path
 ) -> None:
-    report = run_bench(BenchConfig(bundle=good_bundle, data=toy_vindr, max_images=4, checkpoints=checkpoints, **TINY))
+    report = run_bench(BenchConfig(_tiny_cascade(good_bundle), data=toy_vindr, max_images=4, checkpoints=checkpoints, **TINY))
     baseline = report.baseline
     assert baseline is not None, report.notes
     assert baseline.classifier.n == baseline.detector_inference.n == baseline.detector_predict.n == 2
@@ -54,13 +60,13 @@ def test_checkpoints_of_another_input_size_are_refused(checkpoints: Path, tmp_pa
     from tests.spine_edge.bundle_factory import make_bundle
 
     bundle = make_bundle(tmp_path / "bundle", classifier_size=32)
-    report = run_bench(BenchConfig(bundle=bundle, data=toy_vindr, max_images=2, checkpoints=checkpoints, **TINY))
+    report = run_bench(BenchConfig(_tiny_cascade(bundle), data=toy_vindr, max_images=2, checkpoints=checkpoints, **TINY))
     assert report.baseline is None
     assert any("takes 64 px but the bundle's classifier takes 32 px" in note for note in report.notes)
 
 
 def test_baseline_is_skipped_with_a_note_when_no_checkpoints_are_known(good_bundle: Path, toy_vindr: Path) -> None:
-    report = run_bench(BenchConfig(bundle=good_bundle, data=toy_vindr, max_images=2, **TINY))
+    report = run_bench(BenchConfig(_tiny_cascade(good_bundle), data=toy_vindr, max_images=2, **TINY))
     assert report.baseline is None and report.passed
     assert "baseline: skipped (the manifest records no checkpoints; pass --checkpoints CKPT)" in report.notes
     assert report.precision("fp32").speedup_vs_torch == {}  # type: ignore[union-attr]

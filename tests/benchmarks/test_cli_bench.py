@@ -13,7 +13,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from sklearn.metrics import roc_auc_score
 
-from spine_edge.benchmarks.run import BenchConfig, run_bench
+from spine_edge.benchmarks.config import BenchConfig
+from spine_edge.benchmarks.run import run_bench
+from spine_edge.cascade import CascadeConfig
 from spine_edge.cli import EXIT_GATE_FAILED, EXIT_OK, EXIT_SETUP, main
 
 FAST = ["--runs", "3", "--warmup", "1", "--batch-sizes", "1,2", "--threads", "1", "--no-baseline"]
@@ -115,8 +117,8 @@ def test_setup_problems_exit_3_with_one_line(good_bundle: Path, tmp_path: Path, 
 
 
 def test_without_data_it_times_synthetic_radiographs_at_real_sizes(good_bundle: Path) -> None:
-    report = run_bench(BenchConfig(bundle=good_bundle, precisions=("fp32",), batch_sizes=(1,), runs=2, warmup=0,
-                                   baseline=False, synthetic_images=1, threads=1, progress=False))
+    report = run_bench(BenchConfig(CascadeConfig(good_bundle, threads=1), precisions=("fp32",), batch_sizes=(1,),
+                                   runs=2, warmup=0, baseline=False, synthetic_images=1, progress=False))
     assert report.data["source"] == "synthetic" and report.labels is None
     assert any("no --data: latency only" in note for note in report.notes)
     fp32 = report.precision("fp32")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from spine_edge.bundle import (
     EnsembleMember,
     Manifest,
     ModelEntry,
+    Provenance,
     TensorSpec,
     default_bundle_path,
     load_manifest,
+    manifest_from_dict,
     sha256_file,
     write_manifest,
 )
@@ -35,7 +38,9 @@ def _manifest(folder: Path) -> Manifest:
         sha256=sha256_file(model),
         inputs=(TensorSpec("image", ("batch", 1, 64, 64), "uint8"),),
         outputs=(TensorSpec("prob", ("batch",), "float32"),),
-        build=BuildInfo(builder="onnxruntime", builder_version="1.0", device="cpu", source="x.onnx", build_flags=("a",)),
+        build=BuildInfo(
+            builder="onnxruntime", builder_version="1.0", device="cpu", source="x.onnx", build_flags=("a",)
+        ),
     )
     return Manifest(
         schema_version=SCHEMA_VERSION,
@@ -66,7 +71,7 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
 def test_altered_model_file_is_refused(tmp_path: Path) -> None:
     write_manifest(tmp_path, _manifest(tmp_path))
     (tmp_path / "classifier.fp32.onnx").write_bytes(b"tampered")
-    with pytest.raises(BundleError, match="sha256 .* does not match"):
+    with pytest.raises(BundleError, match=r"sha256 .* does not match"):
         load_manifest(tmp_path)
 
 
@@ -77,7 +82,7 @@ def test_missing_model_and_wrong_schema_are_refused(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="schema version 99"):
         load_manifest(tmp_path)
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
         load_manifest(tmp_path / "nowhere")
 
 
@@ -86,3 +91,20 @@ def test_default_bundle_path_honours_environment(monkeypatch: pytest.MonkeyPatch
     assert default_bundle_path() == Path("runs/bundle")
     monkeypatch.setenv(BUNDLE_ENV, "/opt/kiosk/bundle")
     assert default_bundle_path() == Path("/opt/kiosk/bundle")
+
+
+@pytest.mark.parametrize(("field", "value"), [("precision", "fp8"), ("format", "openvino"), ("role", "segmenter")])
+def test_a_value_outside_the_schema_literals_is_refused(tmp_path: Path, field: str, value: str) -> None:
+    data = _manifest(tmp_path).to_dict()
+    data["models"][0][field] = value
+    with pytest.raises(BundleError, match=f"{value!r} is not one of"):
+        manifest_from_dict(data)
+
+
+def test_provenance_is_the_typed_view_of_source(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path)
+    assert manifest.provenance == Provenance(checkpoints=None)
+    recorded = dataclasses.replace(manifest, source={"checkpoints": "/work/ckpt", "versions": {"torch": "2.14"}})
+    assert recorded.provenance.checkpoints == Path("/work/ckpt")
+    write_manifest(tmp_path, recorded)
+    assert load_manifest(tmp_path).source["versions"] == {"torch": "2.14"}  # the rest stays recorded data

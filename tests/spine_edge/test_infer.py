@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from spine_edge.cascade import CascadeConfig
 from spine_edge.cli import main
 from spine_edge.infer import InferConfig, default_output_dir, run_folder
 from spine_edge.results import CascadeResult
@@ -48,8 +49,12 @@ def make_folder(root: Path) -> Path:
     cv2.imwrite(str(folder / "bright.png"), _bright((128, 256)))
     cv2.imwrite(str(folder / "sixteen.png"), _bright((96, 96), np.uint16, 300, 60000))
     cv2.imwrite(str(folder / "sub/dark.png"), np.full((100, 80), 20, np.uint8))
-    write_test_dicom(folder / "scan.dicom", _bright((120, 100), np.uint16, 100, 4000), window=(2048, 4096),
-                     transfer_syntax="jpeg2000-lossless")
+    write_test_dicom(
+        folder / "scan.dicom",
+        _bright((120, 100), np.uint16, 100, 4000),
+        window=(2048, 4096),
+        transfer_syntax="jpeg2000-lossless",
+    )
     write_test_dicom(folder / GOOD_NEGATIVE[1], np.full((64, 80), 300, np.uint16), window=(2048, 4096))
     (folder / "empty.png").write_bytes(b"")
     whole = write_test_dicom(folder / "truncated.dcm", _bright((64, 64), np.uint16)).read_bytes()
@@ -81,7 +86,9 @@ def _records(out: Path) -> list[dict]:
 
 def test_mixed_folder_gets_one_record_per_input(bundle: Path, folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out), "--batch-size", "3"])
+    result = CliRunner().invoke(
+        main, ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out), "--batch-size", "3"]
+    )
     assert result.exit_code == 1, result.output
     assert "5 ok (3 positive), 8 failed" in result.stdout
     records = {Path(r["source"]).relative_to(folder).as_posix(): r for r in _records(out)}
@@ -108,13 +115,16 @@ def test_mixed_folder_gets_one_record_per_input(bundle: Path, folder: Path, tmp_
 
 
 def test_resume_skips_finished_inputs_and_retries_failed_ones(bundle: Path, folder: Path, tmp_path: Path) -> None:
-    config = InferConfig(folder, out=tmp_path / "out", bundle=bundle, batch_size=2)
+    config = InferConfig(folder, out=tmp_path / "out", cascade=CascadeConfig(bundle=bundle, batch_size=2))
     first = run_folder(config, progress=False)
     assert (first.found, first.ok, first.failed, first.positive) == (13, 5, 8, 3)
     before = {r["source"]: r for r in _records(first.out)}
     seen: list[str] = []
-    second = run_folder(InferConfig(folder, out=tmp_path / "out", bundle=bundle, resume=True), progress=False,
-                        on_result=lambda r: seen.append(r.source))
+    second = run_folder(
+        InferConfig(folder, out=tmp_path / "out", resume=True, cascade=CascadeConfig(bundle=bundle)),
+        progress=False,
+        on_result=lambda r: seen.append(r.source),
+    )
     assert sorted(seen) == sorted(s for s, r in before.items() if r["status"] == "error")
     assert (second.skipped, second.processed, second.ok, second.failed) == (5, 8, 5, 8)
     after = _records(second.out)
@@ -131,12 +141,16 @@ def test_interrupted_run_keeps_completed_records(bundle: Path, folder: Path, tmp
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_folder(InferConfig(folder, out=out, bundle=bundle, batch_size=3), progress=False, on_result=stop_after_four)
+        run_folder(
+            InferConfig(folder, out=out, cascade=CascadeConfig(bundle=bundle, batch_size=3)),
+            progress=False,
+            on_result=stop_after_four,
+        )
     kept = _records(out)
     assert len(kept) == 4
     with open(out / "results.csv", newline="") as f:
         assert [r["source"] for r in csv.DictReader(f)] == [r["source"] for r in kept]
-    report = run_folder(InferConfig(folder, out=out, bundle=bundle, resume=True), progress=False)
+    report = run_folder(InferConfig(folder, out=out, resume=True, cascade=CascadeConfig(bundle=bundle)), progress=False)
     final = _records(out)
     assert len(final) == len({r["source"] for r in final}) == 13
     assert report.skipped == sum(r["status"] == "ok" for r in kept)
@@ -148,8 +162,22 @@ def test_killed_process_loses_nothing_already_written(bundle: Path, tmp_path: Pa
     for i in range(400):
         cv2.imwrite(str(folder / f"{i:04d}.png"), _bright((64, 64)) if i % 2 else np.zeros((64, 64), np.uint8))
     out = tmp_path / "out"
-    command = [sys.executable, "-c", "from spine_edge.cli import main; main()", "-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out),
-               "--batch-size", "1", "--workers", "1"]
+    command = [
+        sys.executable,
+        "-c",
+        "from spine_edge.cli import main; main()",
+        "-q",
+        "infer",
+        str(folder),
+        "--bundle",
+        str(bundle),
+        "-o",
+        str(out),
+        "--batch-size",
+        "1",
+        "--workers",
+        "1",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     jsonl = out / "results.jsonl"
     deadline = time.monotonic() + 60
@@ -172,7 +200,9 @@ def test_killed_process_loses_nothing_already_written(bundle: Path, tmp_path: Pa
 
 def test_setup_and_usage_errors_have_their_exit_codes(folder: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    missing = runner.invoke(main, ["infer", str(folder), "--bundle", str(tmp_path / "nobundle"), "-o", str(tmp_path / "o")])
+    missing = runner.invoke(
+        main, ["infer", str(folder), "--bundle", str(tmp_path / "nobundle"), "-o", str(tmp_path / "o")]
+    )
     assert missing.exit_code == 3
     assert "no manifest.json" in missing.output and "spine-edge export" in missing.output
     assert runner.invoke(main, ["infer", str(tmp_path / "no-such-folder")]).exit_code == 2
@@ -196,7 +226,12 @@ def test_no_overlays_and_default_output_folder(bundle: Path, tmp_path: Path) -> 
     folder = tmp_path / "scans"
     folder.mkdir()
     cv2.imwrite(str(folder / "a.png"), _bright((80, 120)))
-    report = run_folder(InferConfig(folder, bundle=bundle, overlays=False), progress=False)
+    seen: list[CascadeResult] = []
+    config = InferConfig(folder, overlays=False, cascade=CascadeConfig(bundle=bundle))
+    report = run_folder(config, progress=False, on_result=seen.append)
     assert report.out == default_output_dir(folder) == tmp_path / "scans_results"
     assert report.positive == 1 and not (report.out / "overlays").exists()
     assert _records(report.out)[0]["heatmap"] is None
+    # No heatmap PNG is drawn, so the run does not keep the CAMs either (one rule: InferConfig.cascade_to_load).
+    assert config.cascade.heatmaps and not config.cascade_to_load.heatmaps
+    assert [r.cam for r in seen] == [None]

@@ -1,0 +1,141 @@
+"""What a benchmark run measures (:class:`BenchConfig`) and where each precision runs (:class:`BenchPlan`).
+
+The cascade's own settings (bundle, backend, provider, threads, read workers, ...) are one
+:class:`~spine_edge.cascade.CascadeConfig` inside :class:`BenchConfig`, so ``spine-edge infer`` and
+``spine-edge bench`` build their cascades from the same settings; each measurement varies only
+precision and batch size (with :func:`dataclasses.replace`).
+
+Example:
+    >>> config = BenchConfig(CascadeConfig(Path("runs/bundle"), threads=1), precisions=("fp32",), runs=5)
+    >>> config.cascade.bundle_dir, config.batch_sizes
+    (PosixPath('runs/bundle'), (1, 4, 8))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spine_edge.backends import select_model
+from spine_edge.backends.onnxruntime import ProviderChoice
+from spine_edge.benchmarks.latency import END_TO_END, STAGES
+from spine_edge.bundle import Manifest
+from spine_edge.cascade import CascadeConfig
+from spine_edge.errors import BundleError
+
+#: The precision every other is compared with.
+REFERENCE = "fp32"
+#: Precisions a bundle may hold, in report order.
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+#: Stages a per-stage budget may name.
+BUDGET_STAGES: tuple[str, ...] = (*STAGES, END_TO_END)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to benchmark and how hard.
+
+    Attributes:
+        cascade: How every cascade of the run is built: bundle (None: ``$SPINE_EDGE_BUNDLE`` or
+            ``runs/bundle``), backend (``auto``, ``onnxruntime``, ``tensorrt``), ONNX Runtime
+            provider, intra-op threads (None: the cores available, also for torch), read workers,
+            heatmaps. Its ``precision`` and ``batch_size`` are replaced by each measurement's
+            (``precisions``, ``batch_sizes``); the accuracy phase also forces the detector and
+            drops heatmaps.
+        data: VinDr-layout folder whose TEST split measures accuracy; None: latency only, on
+            synthetic images.
+        precisions: Precisions to benchmark (empty: every one the bundle has for the backend).
+            With ``data``, FP32 always runs as the accuracy reference.
+        batch_sizes: Batch sizes of the throughput and isolated-model measurements.
+        runs: Timed images per latency measurement.
+        warmup: Untimed images before each.
+        max_images: Evaluate at most this many test images (the first by image id).
+        baseline: Run the PyTorch eager peer where torch is installed.
+        checkpoints: Checkpoint folder of the baseline (default: the one the manifest records).
+        budget_ms: Budget on each precision's end-to-end p95 latency (ms), or None.
+        stage_budgets: ``(stage, ms)`` budgets on per-stage p95 latencies.
+        save_predictions: Folder for COCO/probability JSON of every precision, or None.
+        synthetic_images: Synthetic radiographs used without ``data``.
+        progress: Progress bars on stderr.
+    """
+
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    data: Path | None = None
+    precisions: tuple[str, ...] = ()
+    batch_sizes: tuple[int, ...] = (1, 4, 8)
+    runs: int = 20
+    warmup: int = 3
+    max_images: int | None = None
+    baseline: bool = True
+    checkpoints: Path | None = None
+    budget_ms: float | None = None
+    stage_budgets: tuple[tuple[str, float], ...] = ()
+    save_predictions: Path | None = None
+    synthetic_images: int = 4
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.runs >= 1, f"runs must be at least 1, got {self.runs}"),
+            (self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
+            (min(self.batch_sizes, default=0) >= 1, f"batch sizes must be >= 1, got {self.batch_sizes}"),
+            (self.max_images is None or self.max_images >= 1, f"max_images must be >= 1, got {self.max_images}"),
+            (self.synthetic_images >= 1, f"synthetic_images must be >= 1, got {self.synthetic_images}"),
+            (set(self.precisions) <= set(PRECISIONS), f"unknown precision in {self.precisions}"),
+            (all(s in BUDGET_STAGES for s, _ in self.stage_budgets), f"stage budgets name one of {BUDGET_STAGES}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What runs where.
+
+    Attributes:
+        backend: The library every benchmarked precision runs on (``onnxruntime`` or ``tensorrt``).
+        latency: Precisions whose latency is measured.
+        accuracy: ``(precision, backend, provider)`` of each cascade of the accuracy phase, reference first.
+    """
+
+    backend: str
+    latency: tuple[str, ...]
+    accuracy: tuple[tuple[str, str, ProviderChoice | None], ...]
+
+
+def _available(manifest: Manifest, backend: str) -> tuple[str, ...]:
+    """Precisions with a file for both the classifier and the detector on ``backend``."""
+    fmt = "tensorrt" if backend == "tensorrt" else "onnx"
+    classifier = set(manifest.precisions("classifier", fmt))  # type: ignore[arg-type]
+    both = classifier & set(manifest.precisions("detector", fmt))  # type: ignore[arg-type]
+    return tuple(p for p in PRECISIONS if p in both)
+
+
+def plan_precisions(manifest: Manifest, config: BenchConfig) -> BenchPlan:
+    """Resolve the backend and the precisions to run.
+
+    Raises:
+        BundleError: A requested precision has no file for both roles on the chosen backend.
+    """
+    cascade = config.cascade
+    backend = select_model(manifest, "classifier", "auto", cascade.backend, cascade.provider).backend
+    available = _available(manifest, backend)
+    wanted = config.precisions or available
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise BundleError(
+            f"{cascade.bundle_dir}: no {backend} files for precision {', '.join(missing)} (for both classifier and "
+            f"detector, it has: {', '.join(available) or 'none'}); choose --precision among those"
+            + (", or build plans with `spine-edge build-engines`" if backend == "tensorrt" else "")
+        )
+    accuracy: list[tuple[str, str, ProviderChoice | None]] = []
+    if config.data is not None:
+        if REFERENCE in available:
+            accuracy.append((REFERENCE, backend, cascade.provider))
+        elif REFERENCE in _available(manifest, "onnxruntime"):
+            accuracy.append((REFERENCE, "onnxruntime", "cpu"))  # the FP32 ONNX graph is the reference anywhere
+        else:
+            raise BundleError(f"{cascade.bundle_dir}: no FP32 graphs to compare with; re-export the bundle")
+        accuracy += [(p, backend, cascade.provider) for p in wanted if p != REFERENCE]
+    return BenchPlan(backend, tuple(wanted), tuple(accuracy))
