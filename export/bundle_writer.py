@@ -18,8 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from spine_edge.bundle import (
     SCHEMA_VERSION,
     ClassifierInfo,
@@ -32,6 +30,7 @@ from spine_edge.bundle import (
 )
 from spine_edge.io_utils import write_bytes_atomic, write_text_atomic
 from spine_edge.metrics import ACCURACY_GATES, ClassificationMetrics, DetectionMetrics
+from spine_edge.support import json_safe
 
 if TYPE_CHECKING:
     import onnx
@@ -236,7 +235,7 @@ class AccuracyReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (NaN becomes null)."""
-        return _json_safe(
+        return json_safe(
             {
                 "reference": "fp32",
                 "eval_data": self.eval_data,
@@ -254,7 +253,7 @@ class AccuracyReport:
 
     def summary(self) -> dict[str, Any]:
         """The short form stored in the manifest's ``accuracy``."""
-        return _json_safe(
+        return json_safe(
             {
                 "reference": "fp32",
                 "eval_images": self.eval_data.get("images"),
@@ -319,21 +318,6 @@ def _signed(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:+.2f}"
 
 
-def _json_safe(value: Any) -> Any:
-    """Replace NaN/inf by None and tuples/Paths by JSON types, recursively."""
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
 def write_accuracy_report(bundle: Path, report: AccuracyReport) -> tuple[Path, Path]:
     """Write ``accuracy_report.json`` and ``accuracy_report.md`` atomically; returns both paths."""
     json_path = write_text_atomic(bundle / REPORT_JSON, json.dumps(report.to_dict(), indent=2) + "\n")
@@ -359,7 +343,7 @@ def build_manifest(
         classifier=classifier,
         detector=detector,
         models=tuple(models),
-        calibration=_json_safe(dict(calibration)),
-        accuracy=_json_safe(dict(accuracy)),
-        source=_json_safe(dict(source)),
+        calibration=json_safe(dict(calibration)),
+        accuracy=json_safe(dict(accuracy)),
+        source=json_safe(dict(source)),
     )

@@ -4,13 +4,40 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import click
 
 from spine_edge.bundle import default_bundle_path
 from spine_edge.cli import EXIT_GATE_FAILED, EXIT_SETUP, fail
-from spine_edge.support import import_optional
 from spine_edge.errors import MissingDependencyError, SpineEdgeError
+from spine_edge.support import import_optional
+
+#: ``ExportConfig.precisions`` / ``calib_method`` choices, as export.config spells them (checked by a test):
+#: click needs the choices when the command is declared, when the export package may not be imported.
+PRECISION_CHOICES = ("fp32", "fp16", "int8")
+CALIBRATION_CHOICES = ("minmax", "percentile")
+
+
+class ConfigDefault:
+    """An option default read from ``ExportConfig``'s field when click needs it, not when this module loads.
+
+    ``spine_edge.cli`` imports on a runtime-only box without importing ``spine_edge.export``
+    (tests/spine_edge/test_torch_free.py), so the dataclass is read lazily: click calls the object
+    for the value and shows ``str()`` of it in ``--help``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self) -> Any:
+        from spine_edge.export.config import ExportConfig, field_default
+
+        return field_default(ExportConfig, self.name)
+
+    def __str__(self) -> str:
+        value = self()
+        return ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _points(value: float | None) -> str:
@@ -21,18 +48,23 @@ def _points(value: float | None) -> str:
 @click.argument("checkpoints", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--out", "bundle", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Bundle folder to write (default: $SPINE_EDGE_BUNDLE or runs/bundle).")
-@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
-              help="Precision to export (repeatable; default all three; fp32 is always written).")
-@click.option("--calib-data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISION_CHOICES),
+              default=ConfigDefault("precisions"), show_default=True,
+              help="Precision to export (repeatable; fp32 is always written).")
+@click.option("--calib-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=ConfigDefault("calib_data"),
               help="Prepared cache whose train PNGs calibrate INT8 (default: --eval-data).")
-@click.option("--calib-images", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Number of calibration images.")
-@click.option("--calib-method", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True,
+@click.option("--calib-images", type=click.IntRange(min=1), default=ConfigDefault("calib_images"),
+              show_default=True, help="Number of calibration images.")
+@click.option("--calib-method", type=click.Choice(CALIBRATION_CHOICES),
+              default=ConfigDefault("calib_method"), show_default=True,
               help="Activation-range calibration.")
-@click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+@click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=ConfigDefault("eval_data"),
               help="Prepared cache whose val split the accuracy report uses "
                    "(default: the one recorded in the checkpoints).")
-@click.option("--eval-limit", type=click.IntRange(min=1), default=None, help="Evaluate at most this many images.")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=ConfigDefault("eval_limit"),
+              help="Evaluate at most this many images [default: all].")
 def export(
     checkpoints: Path,
     bundle: Path | None,
@@ -49,23 +81,22 @@ def export(
     against FP32 and manifest.json. Exits with 4 when a precision misses its accuracy gate (the
     bundle is still written).
     """
-    try:
-        pipeline = import_optional("spine_edge.export.pipeline", "train", "spine-edge export")
-    except SpineEdgeError as exc:
-        fail(exc, EXIT_SETUP)
-        return
-    PRECISIONS, ExportConfig, export_bundle = pipeline.PRECISIONS, pipeline.ExportConfig, pipeline.export_bundle
-    config = ExportConfig(
-        precisions=tuple(dict.fromkeys(("fp32", *precisions))) if precisions else PRECISIONS,
-        calib_data=calib_data,
-        eval_data=eval_data,
-        calib_images=calib_images,
-        calib_method=calib_method,  # type: ignore[arg-type]  # click.Choice restricts it
-        eval_limit=eval_limit,
-    )
     out = bundle if bundle is not None else default_bundle_path()
     try:
-        report = export_bundle(checkpoints, out, config)
+        from spine_edge.export.config import ExportConfig
+
+        pipeline = import_optional("spine_edge.export.pipeline", "train", "spine-edge export")
+        config = ExportConfig(
+            checkpoints=checkpoints,
+            out=out,
+            precisions=tuple(dict.fromkeys(("fp32", *precisions))),
+            calib_data=calib_data,
+            eval_data=eval_data,
+            calib_images=calib_images,
+            calib_method=calib_method,  # type: ignore[arg-type]  # click.Choice restricts it
+            eval_limit=eval_limit,
+        )
+        report = pipeline.run_export(config)
     except ImportError as exc:
         fail(MissingDependencyError(exc.name or "torch", "train", "spine-edge export"), EXIT_SETUP)
         return

@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from spine_edge.export.classifier_graph import read_ensemble_spec, run_ensemble
-from spine_edge.export.opcheck import check_trt_ops
-from spine_edge.export.pipeline import member_prob_tensors, run_graph
 from spine_edge.errors import SpineEdgeError
+from spine_edge.export.classifier_graph import read_ensemble_spec, run_ensemble
+from spine_edge.export.evaluation import member_prob_tensors, run_graph
+from spine_edge.export.opcheck import check_trt_ops
 from spine_edge.imageio import read_image
 from spine_edge.preprocess import letterbox
 from tests.export.conftest import EXPORT_MEMBERS, EXPORT_SIZE, ExportedGraphs

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
+from spine_edge.constants import CLASS_NAMES
+from spine_edge.errors import SpineEdgeError
 from spine_edge.export.detector_graph import (
     build_detector_module,
     detect_scope,
@@ -13,10 +15,8 @@ from spine_edge.export.detector_graph import (
     head_output_nodes,
     run_detector_module,
 )
+from spine_edge.export.evaluation import run_graph
 from spine_edge.export.opcheck import check_trt_ops
-from spine_edge.export.pipeline import run_graph
-from spine_edge.constants import CLASS_NAMES
-from spine_edge.errors import SpineEdgeError
 from spine_edge.imageio import read_image
 from spine_edge.postprocess import decode_yolo
 from spine_edge.preprocess import letterbox

@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from spine_edge.export import precision as prec
+from spine_edge.export.evaluation import run_graph
 from spine_edge.export.opcheck import check_symmetric_qdq, check_trt_ops
-from spine_edge.export.pipeline import run_graph
 from spine_edge.imageio import read_image
 from spine_edge.preprocess import letterbox
 from tests.export.conftest import EXPORT_SIZE, ExportedGraphs
