@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spine_edge.config import field_default as field_default  # re-exported for the export CLI
 from spine_edge.errors import SpineEdgeError
 
 if TYPE_CHECKING:
@@ -71,19 +72,3 @@ class ExportConfig:
         unknown = set(self.precisions) - set(PRECISIONS)
         if unknown:
             raise SpineEdgeError(f"unknown precision(s) {sorted(unknown)}; choose from {list(PRECISIONS)}")
-
-
-def field_default(config: type[Any], name: str) -> Any:
-    """The default of a dataclass field, so an option parser does not write it a second time.
-
-    Raises:
-        KeyError: ``config`` has no field ``name``, or it has no plain default.
-
-    Example:
-        >>> field_default(ExportConfig, "calib_images")
-        32
-    """
-    default = {f.name: f for f in dataclasses.fields(config)}[name].default
-    if default is dataclasses.MISSING:
-        raise KeyError(f"{config.__name__}.{name} has no default")
-    return default
