@@ -68,12 +68,16 @@ class BaselineTiming:
         }
 
 
-def baseline_checkpoints(manifest: Manifest, override: Path | None) -> Path | None:
-    """The checkpoint folder: ``override``, else the one the bundle's manifest records (None if neither)."""
-    if override is not None:
-        return Path(override)
-    recorded = manifest.source.get("checkpoints") if isinstance(manifest.source, dict) else None
-    return Path(recorded) if recorded else None
+def baseline_checkpoints(override: Path | None) -> Path | None:
+    """The checkpoint folder of the baseline: the one given explicitly (``--checkpoints``), else None.
+
+    Never the folder a bundle's manifest records: loading ``detector.pt`` goes through ultralytics,
+    whose loader unpickles (``weights_only=False``: the file holds the model object, not only
+    tensors), and unpickling runs whatever code the file names. A bundle is data copied between
+    machines; an edited manifest must not be able to choose a file that is then executed. So the
+    baseline is opt-in, from a folder the person running ``bench`` names.
+    """
+    return None if override is None else Path(override)
 
 
 def _import_peers() -> tuple[Any, Any, Any]:
@@ -96,6 +100,10 @@ def run_torch_baseline(
     progress: Callable[[int], None] | None = None,
 ) -> BaselineTiming:
     """Time the PyTorch eager classifier ensemble and ultralytics' predict on decoded images.
+
+    The classifier checkpoints load with ``torch.load(weights_only=True)`` (export's loader); the
+    detector through ultralytics, which unpickles it: pass only a folder you trust (see
+    :func:`baseline_checkpoints`).
 
     Args:
         checkpoints: Folder with ``ensemble.json``, ``classifier_<arch>.pt`` and ``detector.pt``.

@@ -51,7 +51,8 @@ class BenchConfig:
         warmup: Untimed images before each.
         max_images: Evaluate at most this many test images (the first by image id).
         baseline: Run the PyTorch eager peer where torch is installed.
-        checkpoints: Checkpoint folder of the baseline (default: the one the manifest records).
+        checkpoints: Checkpoint folder of the baseline; the baseline runs only when it is given (never
+            from the folder a manifest records: see ``baseline_torch.baseline_checkpoints``).
         budget_ms: Budget on each precision's end-to-end p95 latency (ms), or None.
         stage_budgets: ``(stage, ms)`` budgets on per-stage p95 latencies.
         save_predictions: Folder for COCO/probability JSON of every precision, or None.

@@ -300,9 +300,9 @@ def _baseline(
     """The PyTorch run, or why it was skipped."""
     if not config.baseline:
         return None, "baseline: skipped (--no-baseline)"
-    checkpoints = baseline_checkpoints(manifest, config.checkpoints)
+    checkpoints = baseline_checkpoints(config.checkpoints)
     if checkpoints is None:
-        return None, "baseline: skipped (the manifest records no checkpoints; pass --checkpoints CKPT)"
+        return None, "baseline: skipped (opt-in: pass --checkpoints CKPT, the trusted folder the bundle was exported from)"
     if not checkpoints.is_dir():
         return None, f"baseline: skipped ({checkpoints} is not a folder; pass --checkpoints CKPT)"
     threads = config.cascade.threads or available_cores()

@@ -39,7 +39,7 @@ stage "infer on the synthetic test folder"
 spine-edge infer "$DEMO/vindr/test_images" -o "$DEMO/infer" || [ $? -eq 1 ]
 
 stage "bench: latency per stage, PyTorch baseline, accuracy hold per precision vs FP32"
-spine-edge bench --data "$DEMO/vindr" --json "$DEMO/bench/report.json" --plots "$DEMO/bench" \
+spine-edge bench --data "$DEMO/vindr" --checkpoints "$DEMO/checkpoints" --json "$DEMO/bench/report.json" --plots "$DEMO/bench" \
   --save-predictions "$DEMO/bench/predictions" || [ $? -eq 4 ]
 
 stage "done"

@@ -12,12 +12,21 @@ decoder pydicom uses for VinDr-SpineXR files (pylibjpeg-openjpeg) holds it for t
 two JPEG 2000 files never decode at once; OpenCV decodes the same codestream bit-exactly with the
 GIL released, which is the fix (in the reader) rather than processes here.
 
+Memory of the read-ahead is bounded in bytes, not only in images: before decoding, each read asks
+:func:`spine_edge.imageio.estimate_decode_bytes` what its decode will hold at its peak (from the
+headers the decoder follows) and waits until the reads in flight leave room for it within
+:attr:`CascadeConfig.read_ahead_bytes`. A folder of small files that decode huge therefore takes
+turns instead of decoding at once; the peak of the reads is that budget (one read alone may use
+up to ``imageio.MAX_DECODE_BYTES``), plus the decoded 8-bit images waiting for the model
+(``prefetch`` of them, each at most ``imageio.MAX_PIXELS`` bytes).
+
 Model calls take one lock: a :class:`Cascade` may be shared by threads (e.g. a kiosk's worker and
 a UI thread), which then take turns on the backends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -38,7 +47,7 @@ from spine_edge.errors import BackendError, BundleError, ImageReadError
 
 # The reader's own 16-bit mapping, so an array handed in by a kiosk looks like the same image read
 # from a 16-bit PNG (imageio keeps it private; see the report to make it public).
-from spine_edge.imageio import gray_to_uint8, read_image
+from spine_edge.imageio import estimate_decode_bytes, gray_to_uint8, read_image
 from spine_edge.postprocess import decode_yolo
 from spine_edge.preprocess import Letterbox, letterbox
 from spine_edge.results import CascadeResult, Detection, StageLatency
@@ -73,6 +82,8 @@ class CascadeConfig:
         heatmaps: Keep the classifier's class-activation map in results.
         read_workers: Threads that read and letterbox images ahead of the model.
         threads: ONNX Runtime intra-op threads (None: the cores available).
+        read_ahead_bytes: Most bytes the reads in flight may hold together at their decode peak
+            (1 GiB: two radiograph-sized reads at the reader's per-image limit); see the module docstring.
     """
 
     bundle: Path | None = None
@@ -84,8 +95,11 @@ class CascadeConfig:
     heatmaps: bool = True
     read_workers: int = 2
     threads: int | None = None
+    read_ahead_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
+        if self.read_ahead_bytes < 1:
+            raise ValueError(f"read_ahead_bytes must be positive, got {self.read_ahead_bytes}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.read_workers < 1:
@@ -162,12 +176,41 @@ def _array_image(array: np.ndarray) -> np.ndarray:
     return gray_to_uint8(array)
 
 
-def _prepare(source: Source, size: int, pad_value: int) -> _Prepared:
+class _ByteBudget:
+    """Bytes the reads in flight may hold together; a read waits for room, and one alone always fits."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._room = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, cost: int) -> Iterator[None]:
+        """Take ``cost`` bytes for the duration, waiting while other reads leave too little."""
+        with self._room:
+            while self._used and self._used + cost > self._limit:
+                self._room.wait()
+            self._used += cost
+        try:
+            yield
+        finally:
+            with self._room:
+                self._used -= cost
+                self._room.notify_all()
+
+
+def _read(path: Path, budget: _ByteBudget) -> np.ndarray:
+    """Decode a file once the read-ahead has room for its estimated peak."""
+    with budget.hold(estimate_decode_bytes(path)):
+        return read_image(path).image
+
+
+def _prepare(source: Source, size: int, pad_value: int, budget: _ByteBudget) -> _Prepared:
     """Read one input and letterbox it for the classifier; never raises for a bad input."""
     name = ARRAY_SOURCE if isinstance(source, np.ndarray) else str(source)
     start = time.perf_counter()
     try:
-        image = _array_image(source) if isinstance(source, np.ndarray) else read_image(Path(source)).image
+        image = _array_image(source) if isinstance(source, np.ndarray) else _read(Path(source), budget)
     except ImageReadError as exc:
         reason = exc.reason + (f" ({exc.hint})" if exc.hint else "")
         return _Prepared(name, (time.perf_counter() - start) * 1e3, error=reason)
@@ -205,6 +248,7 @@ class Cascade:
         self._classifier = classifier
         self._detector = detector
         self._lock = threading.Lock()
+        self._budget = _ByteBudget(config.read_ahead_bytes)  # shared by every thread using this cascade
         self._closed = False
         self._prob_name = classifier.selection.entry.output("probability").name
         self._cam_name = classifier.selection.entry.output("cam").name
@@ -305,7 +349,7 @@ class Cascade:
         Returns:
             The result; ``status == "error"`` with the reason when the image could not be read.
         """
-        read = _prepare(source, self._classifier.size, self._classifier.pad_value)
+        read = _prepare(source, self._classifier.size, self._classifier.pad_value, self._budget)
         return self._run_batch([read])[0]
 
     def predict_many(self, sources: Iterable[Source], prefetch: int | None = None) -> Iterator[CascadeResult]:
@@ -331,7 +375,7 @@ class Cascade:
                 source = next(remaining, done)
                 if source is done:
                     return
-                pending.append(pool.submit(_prepare, source, size, pad))  # type: ignore[arg-type]
+                pending.append(pool.submit(_prepare, source, size, pad, self._budget))  # type: ignore[arg-type]
 
         try:
             top_up()

@@ -3,40 +3,67 @@
 Output folder layout (default ``<FOLDER>_results`` next to the input folder, so that a rerun never
 mistakes its own outputs for inputs)::
 
+    .lock                       held (flock) by the run writing here: its pid, host and start time
     results.jsonl               one record per input, errors included (see spine_edge.results)
     results.csv                 the same, one row per input, rewritten atomically at the end
     overlays/<relative path>.png   boxes with class and score, for positive images (or any with boxes)
     heatmaps/<relative path>.png   class-activation map over the image, for positive images
 
 ``<relative path>`` is the input's path below the folder with ``.png`` appended (``a/b.dicom`` →
-``overlays/a/b.dicom.png``), so ``x.png`` and ``x.dcm`` never collide.
+``overlays/a/b.dicom.png``), so ``x.png`` and ``x.dcm`` never collide. A name that would pass the
+file system's 255-byte limit is shortened and given a hash of the full name (the record names the
+file written). The input may also be a single file: its folder is then the base of the relative path.
 
-Durability: each record is flushed to the OS as it is written and the file is fsync'ed once per
-batch, so an interrupted run keeps every record written before it stopped.
+One run per output folder: :func:`run_folder` takes an exclusive lock on ``OUT/.lock`` first, and a
+second run into the same folder is refused with :class:`OutputBusyError` naming the holder, instead
+of two runs replacing each other's results.jsonl. Then, before any model is loaded, it proves the
+folder writable (a read-only or full disk is refused at once) and removes temporary files a killed
+run left behind (``spine_edge.io_utils.remove_stale_temp_files``).
+
+Inputs: every file :func:`spine_edge.imageio.scan_folder` lists, the formats it does not support
+included (each gets an error record that says so). Sub-folders that cannot be listed are reported
+(:attr:`InferReport.unreadable_dirs`). Folders holding an earlier run's output (a results.jsonl of
+spine-edge records) are not inputs, wherever they are below the input folder.
+
+Durability: each record is one ``os.write`` of a whole line and the file is fsync'ed once per batch,
+so an interrupted run keeps every record written before it stopped and never leaves half a line.
+A full disk stops the run with :class:`spine_edge.results.DiskFullError`, every finished record
+kept and results.csv written if there is still room for it. A problem writing one input's overlay
+or heatmap (a name the file system refuses, a permission) becomes that input's error record.
 
 Resume: ``resume=True`` keeps the records of inputs that finished ``ok`` and skips those inputs;
 inputs whose last record is an error are tried again (the usual cause is a file still being
 copied, or fixed since), and their old error record is dropped, so the jsonl keeps one record per
-input. Without ``resume`` an existing results.jsonl is started afresh.
+input. Kept records made by another bundle or precision are refused (:class:`ResumeMismatchError`)
+unless ``resume_any`` says to mix them knowingly. Without ``resume`` an existing results.jsonl is
+started afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from spine_edge.cascade import Cascade, CascadeConfig
 from spine_edge.errors import SpineEdgeError
-from spine_edge.imageio import find_images
-from spine_edge.io_utils import write_image_atomic
+from spine_edge.imageio import scan_folder
+from spine_edge.io_utils import TEMP_PREFIX, TEMP_SUFFIX, is_disk_full, remove_stale_temp_files, write_image_atomic
 from spine_edge.overlay import draw_detections, draw_heatmap
-from spine_edge.results import CascadeResult, JsonlWriter, latest_by_source, read_jsonl, write_csv
+from spine_edge.results import CascadeResult, DiskFullError, JsonlWriter, latest_by_source, read_jsonl, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +71,21 @@ JSONL_NAME = "results.jsonl"
 CSV_NAME = "results.csv"
 OVERLAY_DIR = "overlays"
 HEATMAP_DIR = "heatmaps"
+LOCK_NAME = ".lock"
+#: Longest file name (in bytes) most file systems accept (ext4, XFS, btrfs, NTFS via ntfs-3g, exFAT in UTF-8).
+NAME_MAX = 255
+#: Keys every results.jsonl record has; a results.jsonl whose first record has them is spine-edge output.
+_RECORD_KEYS = frozenset({"source", "status", "bundle_id", "precision"})
+#: Bytes written, fsync'ed and removed to prove the output folder takes data before models load.
+_PROBE_BYTES = 64 * 1024
+
+
+class OutputBusyError(SpineEdgeError):
+    """Another run holds the output folder's lock."""
+
+
+class ResumeMismatchError(SpineEdgeError):
+    """``--resume`` would mix records of another bundle or precision into this run's results."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +93,11 @@ class InferConfig:
     """A folder run: where to read and write, and the cascade that runs (its settings live only there).
 
     Attributes:
-        folder: Input folder, scanned recursively (``spine_edge.imageio.find_images``).
+        folder: Input folder, scanned recursively (``spine_edge.imageio.scan_folder``), or one file.
         out: Output folder; None for ``<folder>_results`` next to it.
         resume: Skip inputs already ``ok`` in results.jsonl (see the module docstring).
+        resume_any: With ``resume``, keep and skip ``ok`` records even when another bundle or
+            precision made them (otherwise such a resume is refused).
         overlays: Write overlay and heatmap PNGs. The class-activation map only feeds the heatmap
             PNGs (results.jsonl does not record it), so without them the run loads the cascade with
             ``heatmaps=False`` whatever ``cascade.heatmaps`` says (:attr:`cascade_to_load`).
@@ -63,6 +107,7 @@ class InferConfig:
     folder: Path
     out: Path | None = None
     resume: bool = False
+    resume_any: bool = False
     overlays: bool = True
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
@@ -74,19 +119,25 @@ class InferConfig:
 
 @dataclass(frozen=True)
 class InferReport:
-    """What a folder run did.
+    """What a folder run did. ``found == skipped + ok + failed + refused`` (:attr:`adds_up`).
 
     Attributes:
         out: The output folder.
-        found: Inputs found in the folder.
+        found: Inputs found (images and files of unsupported formats; earlier outputs left out).
         skipped: Inputs skipped because a previous run finished them (resume).
         processed: Inputs run now.
-        ok: Inputs with an ``ok`` record after this run (skipped ones included).
-        failed: Inputs whose record is an error.
-        positive: Inputs judged abnormal (``ok`` records with ``decision``).
+        ok: Inputs run now whose record is ``ok``.
+        failed: Inputs run now whose record is an error (unreadable, unsupported, an output that
+            could not be written).
+        refused: Inputs run now whose record is ``refused`` (read fine, but not for this bundle).
+        positive: Inputs run now judged abnormal (``ok`` records with ``decision``).
         seconds: Wall time of the processing loop.
         backend: Library and device that ran the models.
         precision: Precision that ran.
+        unreadable_dirs: Sub-folders that could not be listed, with the reason: their files are
+            not among the inputs.
+        output_dirs: Earlier runs' output folders found below the input folder, not read as inputs.
+        stale_temp_files: Temporary files of a killed run removed from the output folder.
     """
 
     out: Path
@@ -95,21 +146,48 @@ class InferReport:
     processed: int
     ok: int
     failed: int
+    refused: int
     positive: int
     seconds: float
     backend: str
     precision: str
+    unreadable_dirs: tuple[tuple[Path, str], ...] = ()
+    output_dirs: tuple[Path, ...] = ()
+    stale_temp_files: int = 0
 
     @property
     def images_per_second(self) -> float:
         """Throughput of this run's processing loop."""
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def adds_up(self) -> bool:
+        """Whether every input found has exactly one outcome: skipped, ok, failed or refused."""
+        return self.found == self.skipped + self.ok + self.failed + self.refused
+
 
 def default_output_dir(folder: str | Path) -> Path:
-    """``<folder>_results`` next to the input folder."""
+    """``<folder>_results`` next to the input folder (or file)."""
     source = Path(folder).absolute()
     return source.parent / f"{source.name}_results"
+
+
+def picture_name(relative: Path) -> Path:
+    """The overlay/heatmap path for an input: ``relative`` with ``.png`` appended, each part within :data:`NAME_MAX`.
+
+    A last part that would pass the limit keeps as much of the name as fits, then ``~`` and 12 hex
+    digits of the full name's sha256, so two long names that share a beginning never collide.
+    (Temporary files use a fixed short name, so they add nothing to this.)
+    """
+    name = relative.name + ".png"
+    encoded = os.fsencode(name)
+    if len(encoded) <= NAME_MAX:
+        return relative.with_name(name)
+    tag = "~" + hashlib.sha256(encoded).hexdigest()[:12] + ".png"
+    stem = relative.name
+    while len(os.fsencode(stem + tag)) > NAME_MAX:
+        stem = stem[:-1]
+    return relative.with_name(stem + tag)
 
 
 def write_pictures(result: CascadeResult, relative: Path, out: Path) -> CascadeResult:
@@ -119,10 +197,13 @@ def write_pictures(result: CascadeResult, relative: Path, out: Path) -> CascadeR
         result: An ``ok`` result that still holds its image.
         relative: The input's path relative to the input folder.
         out: The output folder.
+
+    Raises:
+        OSError: A PNG could not be written (full disk, permission, a name the file system refuses).
     """
     if not result.ok or result.image is None:
         return result
-    name = relative.with_name(relative.name + ".png")
+    name = picture_name(relative)
     overlay = heatmap = None
     if result.decision or result.detections:
         write_image_atomic(out / OVERLAY_DIR / name, draw_detections(result.image, result.detections))
@@ -132,6 +213,135 @@ def write_pictures(result: CascadeResult, relative: Path, out: Path) -> CascadeR
         write_image_atomic(out / HEATMAP_DIR / name, draw_heatmap(result.image, cam))
         heatmap = (Path(HEATMAP_DIR) / name).as_posix()
     return replace(result, overlay=overlay, heatmap=heatmap)
+
+
+@contextlib.contextmanager
+def lock_output(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out/.lock`` for the duration, with the holder's pid, host and start time in it.
+
+    ``flock`` is released by the kernel when the process ends, however it ends, so a killed run
+    never leaves a stale lock; the file itself stays (deleting it would let a third run lock a new
+    file while the second still holds the old one).
+
+    Raises:
+        OutputBusyError: Another process holds the lock (its details in the message).
+        SpineEdgeError: The lock file cannot be created (read-only folder, permission).
+        DiskFullError: No room for the lock file's few bytes.
+    """
+    path = out / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise _not_writable(out, exc) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "holder unknown"
+            raise OutputBusyError(
+                f"{out}: another spine-edge run is writing here ({' '.join(holder.split())}); wait for it to "
+                "finish, or choose another output folder with -o"
+            ) from None
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        info = f"pid={os.getpid()} host={socket.gethostname()} started={started}\n".encode()
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info, 0)
+        except OSError as exc:
+            raise _not_writable(out, exc) from exc
+        yield
+    finally:
+        os.close(fd)  # also releases the flock
+
+
+def _not_writable(out: Path, exc: OSError) -> SpineEdgeError:
+    """The error for an output folder that refuses a write: full (its own type) or not writable."""
+    if is_disk_full(exc):
+        return DiskFullError(out, exc)
+    return SpineEdgeError(
+        f"{out}: the output folder cannot be written ({exc.strerror or exc}); make it writable for this user, "
+        "or choose another with -o"
+    )
+
+
+def probe_writable(out: Path) -> None:
+    """Write, fsync and remove a small file in ``out``, so a read-only or full disk is found before models load.
+
+    Raises:
+        DiskFullError: No room.
+        SpineEdgeError: The folder refuses writes (read-only file system, permission).
+    """
+    probe = out / f"{TEMP_PREFIX}probe{os.getpid() % 1000:03d}{TEMP_SUFFIX}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, b"\0" * _PROBE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        raise _not_writable(out, exc) from exc
+
+
+def is_output_dir(folder: Path) -> bool:
+    """Whether a folder holds spine-edge output: a results.jsonl that is empty or starts with a result record."""
+    jsonl = folder / JSONL_NAME
+    try:
+        with open(jsonl, "rb") as f:
+            first = f.readline()
+    except OSError:
+        return False
+    if not first.strip():
+        return True
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.keys() >= _RECORD_KEYS
+
+
+def _inputs(folder: Path, out: Path) -> tuple[list[Path], tuple[tuple[Path, str], ...], tuple[Path, ...]]:
+    """The inputs below ``folder``, the sub-folders that could not be listed, and earlier outputs left out.
+
+    Folders are checked once each, from the input folder down to each file's folder, so a file
+    anywhere below an output folder (its overlays/ PNGs) is never an input. When the output folder
+    is the input folder itself, its overlays/ and heatmaps/ are what is left out.
+    """
+    scan = scan_folder(folder)
+    verdicts: dict[Path, bool] = {}
+
+    def is_output(d: Path) -> bool:
+        if d not in verdicts:
+            pictures = d.name in (OVERLAY_DIR, HEATMAP_DIR) and (d.parent == out or is_output_dir(d.parent))
+            verdicts[d] = d == out or pictures or is_output_dir(d)
+        return verdicts[d]
+
+    inputs = []
+    for path in sorted((*scan.images, *scan.unsupported)):
+        below = path.parent.relative_to(folder).parts if path != folder else ()
+        chain = [folder.joinpath(*below[: i + 1]) for i in range(len(below))]
+        if not any(is_output(d) for d in chain):
+            inputs.append(path)
+    outputs = tuple(sorted(d for d, verdict in verdicts.items() if verdict and d != out))
+    return inputs, scan.unreadable_dirs, outputs
+
+
+def _check_resume(kept: Iterable[dict[str, Any]], cascade: Cascade, jsonl: Path) -> None:
+    """Refuse kept records that another bundle or precision made (a resumed run must not mix them)."""
+    made_by: dict[tuple[str, str], int] = {}
+    for record in kept:
+        key = (str(record.get("bundle_id")), str(record.get("precision")))
+        made_by[key] = made_by.get(key, 0) + 1
+    now = (cascade.manifest.bundle_id, cascade.precision)
+    other = {key: n for key, n in made_by.items() if key != now}
+    if other:
+        seen = ", ".join(f"{n} by bundle {b} at {p}" for (b, p), n in sorted(other.items()))
+        raise ResumeMismatchError(
+            f"{jsonl}: --resume would mix records made by another bundle or precision ({seen}) with this run's "
+            f"(bundle {now[0]} at {now[1]}); rerun with the same --bundle and --precision, or without --resume to "
+            "start afresh, or into another folder with -o, or with --resume-any to keep them on purpose"
+        )
 
 
 def run_folder(
@@ -151,7 +361,10 @@ def run_folder(
 
     Raises:
         BundleError, BackendError, MissingDependencyError: The models cannot run here.
-        SpineEdgeError: The input folder cannot be scanned or the output folder created.
+        OutputBusyError: Another run writes into the output folder.
+        ResumeMismatchError: ``resume`` over records of another bundle or precision.
+        DiskFullError: The output disk is full (before the run, or during it: finished records kept).
+        SpineEdgeError: The input cannot be scanned or the output folder created or written.
 
     Example:
         >>> config = InferConfig(Path("incoming"), cascade=CascadeConfig(precision="int8"))
@@ -164,63 +377,124 @@ def run_folder(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(out, exc) from exc
         raise SpineEdgeError(
             f"{out}: cannot create the output folder ({exc.strerror or exc}); choose another with -o"
         ) from exc
-    # An output folder inside the input folder must not feed its own PNGs back in on the next run.
-    images = [p for p in find_images(folder) if not p.is_relative_to(out)]
+    with lock_output(out):
+        probe_writable(out)
+        stale = remove_stale_temp_files(out)
+        if stale:
+            log.info("%s: removed %d temporary file(s) left by an interrupted run", out, stale)
+        return _run_locked(config, folder, out, stale, progress, on_result)
+
+
+def _run_locked(
+    config: InferConfig,
+    folder: Path,
+    out: Path,
+    stale: int,
+    progress: bool,
+    on_result: Callable[[CascadeResult], None] | None,
+) -> InferReport:
+    """:func:`run_folder` once the output folder is locked and known to be writable."""
+    base = folder.parent if folder.is_file() else folder  # relative paths of overlays
+    inputs, unreadable, outputs = _inputs(folder, out)
+    for path, reason in unreadable:
+        log.warning("%s: folder not read (%s); its files are not processed", path, reason)
+    for path in outputs:
+        log.info("%s: an earlier run's output folder, not read as input", path)
     jsonl = out / JSONL_NAME
     finished = {
         source: record
         for source, record in (latest_by_source(read_jsonl(jsonl)).items() if config.resume else ())
         if record["status"] == "ok"
     }
-    todo = [p for p in images if str(p) not in finished]
-    cascade = Cascade.from_config(config.cascade_to_load)
-    log.info(
-        "%d images in %s (%d already done), bundle %s, %s %s",
-        len(images),
-        folder,
-        len(images) - len(todo),
-        cascade.manifest.bundle_id,
-        cascade.backend,
-        cascade.precision,
-    )
-    start = time.perf_counter()
-    try:
-        with (
-            cascade,
-            JsonlWriter(jsonl, keep=finished.values()) as writer,
-            logging_redirect_tqdm(),
-            tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True) as bar,
-        ):
-            for count, result in enumerate(cascade.predict_many(todo), 1):
-                if config.overlays:
-                    result = write_pictures(result, Path(result.source).relative_to(folder), out)
-                writer.write(result.to_dict())
-                if count % cascade.config.batch_size == 0:
-                    writer.sync()
-                if not result.ok:
-                    log.warning("%s: %s", result.source, result.error)
-                bar.update(1)
-                if on_result is not None:
-                    on_result(result)
-    finally:
-        # Also after an interruption: the CSV then matches every record that made it to the jsonl.
-        records = latest_by_source(read_jsonl(jsonl)).values()
-        write_csv(out / CSV_NAME, records)
-    seconds = time.perf_counter() - start
-    current = {str(p) for p in images}
-    here = [r for r in records if r["source"] in current]
+    todo = [p for p in inputs if str(p) not in finished]
+    counts = {"ok": 0, "error": 0, "refused": 0}
+    positive = 0
+    with Cascade.from_config(config.cascade_to_load) as cascade:
+        if not config.resume_any:
+            _check_resume(finished.values(), cascade, jsonl)
+        log.info(
+            "%d inputs in %s (%d already done), bundle %s, %s %s",
+            len(inputs),
+            folder,
+            len(inputs) - len(todo),
+            cascade.manifest.bundle_id,
+            cascade.backend,
+            cascade.precision,
+        )
+        start = time.perf_counter()
+        try:
+            with (
+                JsonlWriter(jsonl, keep=finished.values()) as writer,
+                logging_redirect_tqdm(),
+                tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True) as bar,
+            ):
+                for count, result in enumerate(cascade.predict_many(todo), 1):
+                    if config.overlays:
+                        result = _with_pictures(result, Path(result.source).relative_to(base), out)
+                    writer.write(result.to_dict())
+                    if count % cascade.config.batch_size == 0:
+                        writer.sync()
+                    counts[result.status if result.status in counts else "error"] += 1
+                    positive += bool(result.ok and result.decision)
+                    if not result.ok:
+                        log.warning("%s: %s", result.source, result.error)
+                    bar.update(1)
+                    if on_result is not None:
+                        on_result(result)
+        finally:
+            # Also after an interruption or a full disk: the CSV then matches every record in the jsonl.
+            _write_csv_if_possible(out, jsonl)
     return InferReport(
         out=out,
-        found=len(images),
-        skipped=len(images) - len(todo),
+        found=len(inputs),
+        skipped=len(inputs) - len(todo),
         processed=len(todo),
-        ok=sum(r["status"] == "ok" for r in here),
-        failed=sum(r["status"] != "ok" for r in here),
-        positive=sum(bool(r["status"] == "ok" and r["decision"]) for r in here),
-        seconds=seconds,
+        ok=counts["ok"],
+        failed=counts["error"],
+        refused=counts["refused"],
+        positive=positive,
+        seconds=time.perf_counter() - start,
         backend=cascade.backend,
         precision=cascade.precision,
+        unreadable_dirs=unreadable,
+        output_dirs=outputs,
+        stale_temp_files=stale,
     )
+
+
+def _with_pictures(result: CascadeResult, relative: Path, out: Path) -> CascadeResult:
+    """:func:`write_pictures`, with a failure for this one input turned into its error record.
+
+    Raises:
+        DiskFullError: The disk is full: the run must stop, not fail every input that follows.
+    """
+    try:
+        return write_pictures(result, relative, out)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(exc.filename or out / OVERLAY_DIR, exc) from exc
+        reason = f"could not be written in {exc.filename or out} ({exc.strerror or exc})"
+    except Exception as exc:  # a drawing bug must cost this input's pictures, not the rest of the run
+        log.exception("%s: unexpected error while drawing its overlay/heatmap", result.source)
+        reason = f"could not be drawn (unexpected {type(exc).__name__}: {exc})"
+    return replace(
+        result,
+        status="error",
+        error=f"the result was computed but its overlay/heatmap {reason}; probability and boxes are kept in "
+        "this record: fix the output folder (or rename the input) and rerun with --resume",
+        overlay=None,
+        heatmap=None,
+    )
+
+
+def _write_csv_if_possible(out: Path, jsonl: Path) -> None:
+    """Rewrite results.csv from the jsonl; a failure is logged, never raised (the jsonl is the record)."""
+    try:
+        write_csv(out / CSV_NAME, latest_by_source(read_jsonl(jsonl)).values())
+    except OSError as exc:
+        log.error("%s: not rewritten (%s); %s is complete", out / CSV_NAME, exc.strerror or exc, jsonl)

@@ -4,15 +4,22 @@ One :class:`CascadeResult` per input, errors included. A folder run appends them
 ``results.jsonl`` (the log that survives an interruption) and rewrites ``results.csv`` from it at the
 end. The JSON form (:meth:`CascadeResult.to_dict`) is the contract for downstream tools:
 
-``source, status ("ok"|"error"), error, probability, decision, threshold, detector_ran,
-detections [{class_id, class_name, score, box [x1, y1, x2, y2] in original pixels}], image_size
-[height, width], heatmap, overlay (output-relative paths or null), latency_ms {read, preprocess,
-classifier, detector, postprocess, total}, bundle_id, precision, backend``.
+``source, status ("ok"|"refused"|"error"), error, refusal {code, reason} (refused only), flags
+[{code, reason}], ood_score, probability, decision, threshold, detector_ran, detections [{class_id,
+class_name, score, box [x1, y1, x2, y2] in original pixels}], image_size [height, width], heatmap,
+overlay (output-relative paths or null), latency_ms {read, preprocess, classifier, detector,
+postprocess, total}, bundle_id, precision, backend``.
+
+``refused`` means the file was read but the bundle must not judge it (see :mod:`spine_edge.guard`):
+no probability, decision or boxes, and a ``refusal`` that says why. ``ood_score`` is the classifier
+graph's in-distribution score wherever the classifier ran (null for bundles without it and for
+inputs refused before the model).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -20,16 +27,23 @@ import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from spine_edge.io_utils import write_text_atomic
+from spine_edge.errors import SpineEdgeError
+from spine_edge.guard import GuardFlag, Refusal
+from spine_edge.io_utils import is_disk_full, write_text_atomic
 from spine_edge.preprocess import Letterbox
+from spine_edge.support import json_safe
+
+if TYPE_CHECKING:
+    # typing.Self is 3.11+; this project supports 3.10, and the annotation is never evaluated at run time.
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
-Status = Literal["ok", "error"]
+Status = Literal["ok", "refused", "error"]
 
 
 @dataclass(frozen=True)
@@ -81,8 +95,12 @@ class CascadeResult:
 
     Attributes:
         source: The input's path (absolute for folder runs), or ``<array>`` for an in-memory image.
-        status: ``ok`` or ``error``.
+        status: ``ok``, ``refused`` (read, but not for this bundle to judge) or ``error`` (not read).
         error: Why the input could not be processed (``ok``: None).
+        refusal: Why the guard refused the input (``refused`` only).
+        flags: Guard warnings on an input that was judged (body part, ``--ood flag``).
+        ood_score: The classifier graph's in-distribution score (None without one, or when the input
+            was refused before the model).
         probability: Ensemble probability that the image is abnormal.
         decision: ``probability >= threshold``.
         threshold: The gate τ from the bundle.
@@ -103,6 +121,9 @@ class CascadeResult:
     source: str
     status: Status
     error: str | None = None
+    refusal: Refusal | None = None
+    flags: tuple[GuardFlag, ...] = ()
+    ood_score: float | None = None
     probability: float | None = None
     decision: bool | None = None
     threshold: float | None = None
@@ -136,6 +157,9 @@ class CascadeResult:
             "source": self.source,
             "status": self.status,
             "error": self.error,
+            "refusal": None if self.refusal is None else self.refusal.to_dict(),
+            "flags": [f.to_dict() for f in self.flags],
+            "ood_score": None if self.ood_score is None else round(self.ood_score, 6),
             "probability": None if self.probability is None else round(self.probability, 6),
             "decision": self.decision,
             "threshold": self.threshold,
@@ -164,6 +188,10 @@ CSV_COLUMNS: tuple[str, ...] = (
     "source",
     "status",
     "error",
+    "refusal_code",
+    "refusal_reason",
+    "flags",
+    "ood_score",
     "probability",
     "decision",
     "threshold",
@@ -196,13 +224,20 @@ def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
         "detections": json.dumps(record.get("detections") or [], separators=(",", ":")),
         "image_height": size[0],
         "image_width": size[1],
+        "refusal_code": (record.get("refusal") or {}).get("code"),
+        "refusal_reason": (record.get("refusal") or {}).get("reason"),
+        "flags": ";".join(f.get("code", "") for f in record.get("flags") or []) or None,
     }
     row |= {f"latency_{stage}_ms": latency.get(stage) for stage in ("read", "preprocess", "classifier", "detector", "postprocess", "total")}
     return {k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS}
 
 
 def write_csv(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
-    """Write records (``to_dict`` form) as ``results.csv`` atomically; returns the path."""
+    """Write records (``to_dict`` form) as ``results.csv`` atomically; returns the path.
+
+    A source path that is not valid UTF-8 (decoded by Python with ``surrogateescape``) is written
+    as its original bytes, so the cell names the file exactly as the file system does.
+    """
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -211,13 +246,27 @@ def write_csv(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     return write_text_atomic(path, buffer.getvalue())
 
 
+def record_line(record: dict[str, Any]) -> str:
+    """One results.jsonl line: strict JSON (NaN and infinities as null), ASCII only, newline-terminated.
+
+    ``ensure_ascii`` escapes every non-ASCII character, lone surrogates of non-UTF-8 file names
+    included (``\\udcff``), which ``json.loads`` turns back into the same ``str``: the source
+    path survives the round trip exactly, so ``--resume`` recognises it.
+    """
+    return json.dumps(json_safe(record), allow_nan=False, ensure_ascii=True) + "\n"
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a results.jsonl; a line cut short by a crash is skipped with a warning."""
+    """Records of a results.jsonl; a line cut short by a crash is skipped with a warning.
+
+    Never fails on the content: a torn or undecodable line is reported and skipped (the next
+    :class:`JsonlWriter` over the file rewrites it without that line).
+    """
     target = Path(path)
     if not target.is_file():
         return []
     records = []
-    with open(target, encoding="utf-8") as f:
+    with open(target, encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -226,7 +275,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 log.warning("%s:%d: incomplete record (interrupted write?), ignored", target, number)
                 continue
-            if isinstance(record, dict) and "source" in record and "status" in record:
+            if isinstance(record, dict) and isinstance(record.get("source"), str) and "status" in record:
                 records.append(record)
     return records
 
@@ -239,44 +288,105 @@ def latest_by_source(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, A
     return latest
 
 
-class JsonlWriter:
-    """Appends records to ``results.jsonl``: each line flushed as written, fsync'ed on :meth:`sync`.
+class DiskFullError(SpineEdgeError):
+    """The output file system has no room left (ENOSPC or EDQUOT) while results were written.
 
-    Flushing per record hands every line to the OS, so a killed process loses nothing written;
-    fsync per batch makes it survive a power cut too, without one disk sync per image.
+    Attributes:
+        path: The file that could not be written.
+    """
+
+    def __init__(self, path: str | Path, exc: OSError) -> None:
+        self.path = Path(path)
+        super().__init__(
+            f"{self.path}: the disk is full ({exc.strerror or exc}); every finished record is kept: free space "
+            "(or choose another output folder with -o) and rerun with --resume"
+        )
+
+
+class JsonlWriter:
+    """Appends records to ``results.jsonl``: each a single ``os.write`` of one whole line, fsync'ed on :meth:`sync`.
+
+    One write call per complete line hands every record to the OS at once, so a killed process
+    loses nothing written and never leaves half a line; fsync per batch makes it survive a power
+    cut too, without one disk sync per image. When the disk fills in the middle of a line (a short
+    write), the partial bytes are cut off again before :class:`DiskFullError` is raised, so the
+    file always ends with a complete record.
 
     Args:
         path: The file.
         keep: Records to start the file with (resume); without, the file starts empty.
+
+    Raises:
+        DiskFullError: No room for the records to keep.
     """
 
     def __init__(self, path: str | Path, keep: Iterable[dict[str, Any]] = ()) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Rewriting (atomically) also drops a half-written last line from an interrupted run.
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")
+        try:
+            # Rewriting (atomically) also drops a half-written last line from an interrupted run.
+            write_text_atomic(self.path, "".join(record_line(r) for r in keep))
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(self.path, exc) from exc
+            raise
+        self._size = os.fstat(self._fd).st_size
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record and flush it to the OS."""
-        if self._file is None:
+        """Append one record as one complete line.
+
+        Raises:
+            DiskFullError: No room for the line; the file still ends with the previous record.
+            ValueError: The writer is closed.
+        """
+        if self._fd is None:
             raise ValueError(f"{self.path}: the results writer is closed")
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        data = record_line(record).encode("ascii")
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                # A regular file only writes short when the file system is out of room.
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        except OSError as exc:
+            self._cut_back()
+            if is_disk_full(exc):
+                raise DiskFullError(self.path, exc) from exc
+            raise
+        self._size += written
+
+    def _cut_back(self) -> None:
+        """Drop bytes past the last complete line (what a short write left)."""
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                log.warning("%s: could not cut off a partly written record; --resume skips it", self.path)
 
     def sync(self) -> None:
-        """Force what was written onto the disk."""
-        if self._file is not None:
-            os.fsync(self._file.fileno())
+        """Force what was written onto the disk.
+
+        Raises:
+            DiskFullError: The file system reports no room while flushing.
+        """
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise DiskFullError(self.path, exc) from exc
+                raise
 
     def close(self) -> None:
-        """Sync and close (idempotent)."""
-        if self._file is not None:
-            self.sync()
-            self._file.close()
-            self._file = None
+        """Sync and close (idempotent); the file is closed even when the sync fails."""
+        if self._fd is not None:
+            try:
+                self.sync()
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
-    def __enter__(self) -> JsonlWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -301,6 +301,9 @@ def check_resumable(last: Path) -> None:
 
     if not last.is_file():
         raise SpineEdgeError(f"{last}: no interrupted detector run to resume; train without --resume")
+    # ultralytics pickles the model object into last.pt and unpickles it to resume (weights_only cannot
+    # read it), so this reads no more than the resume itself will. The file is this training run's own
+    # output under --out, never something a bundle names: bundles are never a source of checkpoints.
     checkpoint = torch.load(last, map_location="cpu", weights_only=False)
     if int(checkpoint.get("epoch", -1)) < 0:
         raise SpineEdgeError(f"{last}: this detector run already finished; train again without --resume")

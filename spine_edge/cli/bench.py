@@ -13,8 +13,7 @@ from spine_edge.backends import BackendChoice
 from spine_edge.backends.onnxruntime import ProviderChoice
 from spine_edge.bundle import Precision
 from spine_edge.cascade import CascadeConfig
-from spine_edge.cli import EXIT_GATE_FAILED, EXIT_OK, EXIT_SETUP, EXIT_USAGE, fail
-from spine_edge.cli.infer import EXIT_INTERRUPTED
+from spine_edge.cli import EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SETUP, EXIT_USAGE, fail
 from spine_edge.config import field_default, literal_values
 from spine_edge.errors import SpineEdgeError
 from spine_edge.support import import_optional
@@ -115,10 +114,11 @@ def _stage_budgets(ctx: click.Context, param: click.Parameter, value: tuple[str,
 @click.option("--max-images", type=click.IntRange(min=1), cls=_LazyDefault, default=_bench_default("max_images"),
               help="Evaluate at most N test images.")
 @click.option("--baseline/--no-baseline", cls=_LazyDefault, default=_bench_default("baseline"), show_default=True,
-              help="Also time PyTorch eager on the same checkpoints (needs torch; skipped with a note otherwise).")
+              help="Also time PyTorch eager on the --checkpoints given (needs torch; skipped with a note otherwise).")
 @click.option("--checkpoints", type=click.Path(file_okay=False, path_type=Path), cls=_LazyDefault,
               default=_bench_default("checkpoints"),
-              help="Checkpoint folder of the baseline [default: the one the manifest records].")
+              help="Trusted checkpoint folder for the PyTorch baseline, which runs only when this is given: "
+                   "ultralytics unpickles detector.pt, so it is never taken from the bundle's manifest.")
 @click.option("--threads", type=click.IntRange(min=1), default=_cascade_default("threads"),
               help="Intra-op threads [default: cores available].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -11,13 +11,19 @@ import click
 from spine_edge.backends import BackendChoice, PrecisionChoice
 from spine_edge.backends.onnxruntime import ProviderChoice
 from spine_edge.cascade import CascadeConfig
-from spine_edge.cli import EXIT_OK, EXIT_SETUP, EXIT_SOME_INPUTS_FAILED, fail
+from spine_edge.cli import (
+    EXIT_DISK_FULL,
+    EXIT_OK,
+    EXIT_SETUP,
+    EXIT_SOME_INPUTS_FAILED,
+    EXIT_USAGE,
+    exit_for_interrupt,
+    fail,
+)
 from spine_edge.config import field_default, literal_values
 from spine_edge.errors import SpineEdgeError
-from spine_edge.infer import CSV_NAME, JSONL_NAME, InferConfig, run_folder
-
-#: Conventional exit status of a program stopped by Ctrl-C (128 + SIGINT).
-EXIT_INTERRUPTED = 130
+from spine_edge.infer import CSV_NAME, JSONL_NAME, InferConfig, InferReport, ResumeMismatchError, run_folder
+from spine_edge.results import DiskFullError
 
 
 def _cascade_default(name: str) -> Any:
@@ -25,7 +31,7 @@ def _cascade_default(name: str) -> Any:
 
 
 @click.command()
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("folder", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "-o",
     "--out",
@@ -82,7 +88,14 @@ def _cascade_default(name: str) -> Any:
     "--resume",
     is_flag=True,
     default=field_default(InferConfig, "resume"),
-    help="Skip inputs already ok in OUT/results.jsonl; retry failed ones.",
+    help="Skip inputs already ok in OUT/results.jsonl; retry failed ones. Refused when those records "
+    "were made by another bundle or precision.",
+)
+@click.option(
+    "--resume-any",
+    is_flag=True,
+    default=field_default(InferConfig, "resume_any"),
+    help="--resume, keeping ok records even when another bundle or precision made them (mixed results).",
 )
 @click.option(
     "--workers",
@@ -102,13 +115,17 @@ def infer(
     force_detector: bool,
     overlays: bool,
     resume: bool,
+    resume_any: bool,
     workers: int,
 ) -> None:
-    """Triage every radiograph under FOLDER (recursive; DICOM, PNG, JPEG, TIFF) and localise lesions.
+    """Triage every radiograph under FOLDER (recursive; DICOM, PNG, JPEG, TIFF; or one file) and localise lesions.
 
     Writes OUT/results.jsonl and OUT/results.csv (one record per input, failures included),
-    OUT/overlays/ and OUT/heatmaps/ (PNGs for positive images). Exit status: 0 all inputs ok,
-    1 some inputs failed (the rest are processed), 3 the bundle or backend cannot run here.
+    OUT/overlays/ and OUT/heatmaps/ (PNGs for positive images). One run per OUT at a time.
+    Exit status: 0 all inputs ok, 1 some inputs failed or a sub-folder could not be read (the rest
+    are processed), 2 --resume over another bundle's or precision's records, 3 the bundle, backend
+    or output folder cannot be used (another run holds it, read-only), 5 the output disk is full
+    (finished records kept), 130 Ctrl-C, 143 SIGTERM.
     """
     cascade = CascadeConfig(
         bundle=bundle,
@@ -119,20 +136,47 @@ def infer(
         force_detector=force_detector,
         read_workers=workers,
     )
-    config = InferConfig(folder=folder, out=out, resume=resume, overlays=overlays, cascade=cascade)
+    config = InferConfig(
+        folder=folder,
+        out=out,
+        resume=resume or resume_any,
+        resume_any=resume_any,
+        overlays=overlays,
+        cascade=cascade,
+    )
     quiet = bool(click.get_current_context().find_root().params.get("quiet"))
     try:
         report = run_folder(config, progress=not quiet)
+    except DiskFullError as exc:
+        fail(exc, EXIT_DISK_FULL)
+        return
+    except ResumeMismatchError as exc:
+        fail(exc, EXIT_USAGE)
+        return
     except SpineEdgeError as exc:
         fail(exc, EXIT_SETUP)
         return
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (the group raises Terminated for it)
         click.echo("interrupted: finished records are kept; rerun with --resume to continue", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    skipped = f", {report.skipped} skipped (done before)" if report.skipped else ""
-    click.echo(
-        f"{report.ok} ok ({report.positive} positive), {report.failed} failed{skipped}; "
-        f"{report.images_per_second:.1f} images/s on {report.backend} {report.precision}; "
+        sys.exit(exit_for_interrupt(exc))
+    click.echo(_summary(report))
+    trouble = report.failed or report.refused or report.unreadable_dirs
+    sys.exit(EXIT_SOME_INPUTS_FAILED if trouble else EXIT_OK)
+
+
+def _summary(report: InferReport) -> str:
+    """One line: what happened to every input found, and where the results are."""
+    parts = [f"{report.found} found: {report.ok} ok ({report.positive} positive)", f"{report.failed} failed"]
+    if report.refused:
+        parts.append(f"{report.refused} refused")
+    if report.skipped:
+        parts.append(f"{report.skipped} skipped (done before)")
+    line = ", ".join(parts)
+    if not report.adds_up:
+        line += " (the counts do not add up to the inputs found: please report this with results.jsonl)"
+    if report.unreadable_dirs:
+        line += f"; {len(report.unreadable_dirs)} sub-folder(s) could not be read (see the warnings)"
+    return (
+        f"{line}; {report.images_per_second:.1f} images/s on {report.backend} {report.precision}; "
         f"results in {report.out / JSONL_NAME} and {CSV_NAME}"
     )
-    sys.exit(EXIT_SOME_INPUTS_FAILED if report.failed else EXIT_OK)
