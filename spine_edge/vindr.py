@@ -250,7 +250,9 @@ def _read_annotations(csv_path: Path, root: Path) -> _Annotations:
             for row in reader:
                 _parse_row(row, f"{shown}:{reader.line_num}", reader.line_num, images, problems)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"{csv_path}: cannot be read as a CSV file ({exc}); restore it from the dataset download") from exc
+        raise DatasetError(
+            f"{csv_path}: cannot be read as a CSV file ({exc}); restore it from the dataset download"
+        ) from exc
 
     for image_id, raw in images.items():
         if raw.no_finding and raw.lesion_rows:
@@ -309,7 +311,9 @@ def _parse_row(
     if raw is None:
         if not study_id:
             problems.append(
-                Problem(ProblemKind.BAD_ROW, where, image_id, f"image {image_id} has no study_id; treated as its own study")
+                Problem(
+                    ProblemKind.BAD_ROW, where, image_id, f"image {image_id} has no study_id; treated as its own study"
+                )
             )
             study_id = image_id
         raw = images[image_id] = _RawImage(study_id=study_id, series_id=series_id, first_line=line)
@@ -380,7 +384,9 @@ def _parse_coords(row: dict[str | None, str | None]) -> tuple[float, float, floa
     return values[0], values[1], values[2], values[3]
 
 
-def _report_images_in_both_splits(train: dict[str, _RawImage], test: dict[str, _RawImage]) -> tuple[set[str], list[Problem]]:
+def _report_images_in_both_splits(
+    train: dict[str, _RawImage], test: dict[str, _RawImage]
+) -> tuple[set[str], list[Problem]]:
     """Images listed in both CSVs are kept in test only, so that no test image is trained on."""
     both = train.keys() & test.keys()
     problems = [
@@ -485,7 +491,9 @@ def _read_size(path: Path, shown: str, image_id: str, problems: list[Problem]) -
         return None
     if width <= 0 or height <= 0:
         problems.append(
-            Problem(ProblemKind.UNREADABLE_HEADER, shown, image_id, f"DICOM header says {width}x{height} pixels; excluded")
+            Problem(
+                ProblemKind.UNREADABLE_HEADER, shown, image_id, f"DICOM header says {width}x{height} pixels; excluded"
+            )
         )
         return None
     return width, height
@@ -526,7 +534,9 @@ def _clip_boxes(
         key = (raw.class_id, *(round(v, _DUPLICATE_DECIMALS) for v in (cx0, cy0, cx1, cy1)))
         if key in seen:
             problems.append(
-                Problem(ProblemKind.DUPLICATE_BOX, where, image_id, f"{name} box {shown} repeats an earlier row; dropped")
+                Problem(
+                    ProblemKind.DUPLICATE_BOX, where, image_id, f"{name} box {shown} repeats an earlier row; dropped"
+                )
             )
             continue
         seen.add(key)

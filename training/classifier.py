@@ -34,7 +34,6 @@ from spine_edge.errors import DatasetError
 from spine_edge.io_utils import write_text_atomic
 from spine_edge.metrics import compute_auroc
 from spine_edge.support import package_versions
-from spine_edge.tta import DEFAULT_VIEWS, views_by_name
 from spine_edge.training.checkpoints import (
     CheckpointError,
     ClassifierMeta,
@@ -55,6 +54,7 @@ from spine_edge.training.models import (
     zero_head,
 )
 from spine_edge.training.profiles import ClassifierRecipe
+from spine_edge.tta import DEFAULT_VIEWS, views_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,9 @@ def check_recipe(recipe: ClassifierRecipe) -> None:
         ValueError: Non-positive sizes or epochs, or progressive sizes not ending at ``input_size``.
     """
     if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.input_size < 32 or recipe.t_max < 1:
-        raise ValueError(f"recipe for {recipe.arch!r} needs epochs, batch_size, t_max >= 1 and input_size >= 32: {recipe}")
+        raise ValueError(
+            f"recipe for {recipe.arch!r} needs epochs, batch_size, t_max >= 1 and input_size >= 32: {recipe}"
+        )
     if recipe.progressive_sizes and recipe.progressive_sizes[-1] != recipe.input_size:
         raise ValueError(
             f"recipe for {recipe.arch!r}: progressive sizes {recipe.progressive_sizes} must end at input_size {recipe.input_size}"
@@ -246,7 +248,13 @@ def train_classifier(
     tracker = _Tracker()
     if resume and state_path.exists():
         tracker = _restore(state_path, model, parts, recipe, data.fingerprint, device)
-        logger.info("%s: resuming after epoch %d (best AUROC %.4f at epoch %d)", recipe.arch, tracker.epoch, tracker.best, tracker.best_epoch)
+        logger.info(
+            "%s: resuming after epoch %d (best AUROC %.4f at epoch %d)",
+            recipe.arch,
+            tracker.epoch,
+            tracker.best,
+            tracker.best_epoch,
+        )
     elif resume:
         logger.info("%s: no resume state at %s, starting at epoch 1", recipe.arch, state_path)
 
@@ -261,28 +269,54 @@ def train_classifier(
         if train_set is None or train_set.size != size:
             train_set = ClassificationDataset(train_items, size, GrayAugment(recipe, size))
         lr = parts.optimizer.param_groups[0]["lr"]
-        train_loss = _train_one_epoch(model, to_input, parts, train_set, recipe, seed, tracker.epoch, workers, device, progress)
+        train_loss = _train_one_epoch(
+            model, to_input, parts, train_set, recipe, seed, tracker.epoch, workers, device, progress
+        )
         parts.scheduler.step()
         val_loss, val_auroc = _validate(validator, val_set, recipe.batch_size, device)
         tracker.epoch += 1
         if val_auroc > tracker.best:
             tracker.best, tracker.best_epoch, tracker.bad_epochs = val_auroc, tracker.epoch, 0
-            val_metrics = {"auroc": val_auroc, "loss": val_loss, "views": ["identity"], "n": len(val_set),
-                           "n_positive": int(val_set.labels.sum())}
+            val_metrics = {
+                "auroc": val_auroc,
+                "loss": val_loss,
+                "views": ["identity"],
+                "n": len(val_set),
+                "n_positive": int(val_set.labels.sum()),
+            }
             meta = ClassifierMeta(**meta_base, val_metrics=val_metrics, epoch=tracker.epoch)
             save_classifier_checkpoint(ckpt_path, model.state_dict(), meta)
         else:
             tracker.bad_epochs += 1
         tracker.history.append(
-            EpochRecord(tracker.epoch, size, lr, train_loss, val_loss, val_auroc, tracker.best, time.perf_counter() - epoch_started)
+            EpochRecord(
+                tracker.epoch,
+                size,
+                lr,
+                train_loss,
+                val_loss,
+                val_auroc,
+                tracker.best,
+                time.perf_counter() - epoch_started,
+            )
         )
-        tracker.stopped_early = tracker.bad_epochs >= recipe.patience and size == final_stage_size and tracker.epoch < recipe.epochs
+        tracker.stopped_early = (
+            tracker.bad_epochs >= recipe.patience and size == final_stage_size and tracker.epoch < recipe.epochs
+        )
         save_train_state(state_path, _snapshot(tracker, model, parts, recipe, data.fingerprint, device))
         _write_log(log_path, tracker.history)
         logger.info(
             "%s epoch %d/%d %dpx: train loss %.4f, val loss %.4f, val AUROC %.4f (best %.4f @ %d), %.1fs",
-            recipe.arch, tracker.epoch, recipe.epochs, size, train_loss, val_loss, val_auroc, tracker.best,
-            tracker.best_epoch, tracker.history[-1].seconds,
+            recipe.arch,
+            tracker.epoch,
+            recipe.epochs,
+            size,
+            train_loss,
+            val_loss,
+            val_auroc,
+            tracker.best,
+            tracker.best_epoch,
+            tracker.history[-1].seconds,
         )
 
     if not ckpt_path.exists():
@@ -324,7 +358,12 @@ def _require_both_classes(root: Path, split: str, items: tuple[ClassificationIte
 
 
 def _meta_base(
-    recipe: ClassifierRecipe, data_cfg: DataConfig, fingerprint: str, profile: str, pretrained: Path | None, num_params: int
+    recipe: ClassifierRecipe,
+    data_cfg: DataConfig,
+    fingerprint: str,
+    profile: str,
+    pretrained: Path | None,
+    num_params: int,
 ) -> dict[str, Any]:
     return {
         "arch": recipe.arch,
@@ -360,11 +399,20 @@ def _train_one_epoch(
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     # A last batch of one sample would make BatchNorm fail on its pooled statistics.
     drop_last = len(dataset) % recipe.batch_size == 1
-    loader = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True, generator=generator,
-                        num_workers=workers, drop_last=drop_last, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=device.type == "cuda",
+    )
     model.train()
     total, seen = 0.0, 0
-    bar = tqdm(loader, desc=f"{recipe.arch} {epoch + 1}/{recipe.epochs} {dataset.size}px", leave=False, disable=not progress)
+    bar = tqdm(
+        loader, desc=f"{recipe.arch} {epoch + 1}/{recipe.epochs} {dataset.size}px", leave=False, disable=not progress
+    )
     for images, labels in bar:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(to_input(images)).squeeze(1)
@@ -379,15 +427,24 @@ def _train_one_epoch(
 
 
 @torch.no_grad()
-def _validate(validator: TTAClassifier, dataset: ClassificationDataset, batch_size: int, device: torch.device) -> tuple[float, float]:
+def _validate(
+    validator: TTAClassifier, dataset: ClassificationDataset, batch_size: int, device: torch.device
+) -> tuple[float, float]:
     validator.eval()
-    probs = torch.cat([validator(dataset.images[i : i + batch_size].to(device))[0].cpu() for i in range(0, len(dataset), batch_size)])
+    probs = torch.cat(
+        [validator(dataset.images[i : i + batch_size].to(device))[0].cpu() for i in range(0, len(dataset), batch_size)]
+    )
     loss = F.binary_cross_entropy(probs.clamp(PROB_EPS, 1 - PROB_EPS), dataset.labels).item()
     return loss, compute_auroc(dataset.labels.numpy(), probs.numpy())
 
 
 def _snapshot(
-    tracker: _Tracker, model: nn.Module, parts: TrainingComponents, recipe: ClassifierRecipe, fingerprint: str, device: torch.device
+    tracker: _Tracker,
+    model: nn.Module,
+    parts: TrainingComponents,
+    recipe: ClassifierRecipe,
+    fingerprint: str,
+    device: torch.device,
 ) -> dict[str, Any]:
     return {
         "arch": recipe.arch,
@@ -408,13 +465,22 @@ def _snapshot(
 
 
 def _restore(
-    path: Path, model: nn.Module, parts: TrainingComponents, recipe: ClassifierRecipe, fingerprint: str, device: torch.device
+    path: Path,
+    model: nn.Module,
+    parts: TrainingComponents,
+    recipe: ClassifierRecipe,
+    fingerprint: str,
+    device: torch.device,
 ) -> _Tracker:
     state = load_train_state(path)
     if state["data_fingerprint"] != fingerprint:
-        raise CheckpointError(f"{path}: was trained on another prepared cache (fingerprint differs); train without --resume")
+        raise CheckpointError(
+            f"{path}: was trained on another prepared cache (fingerprint differs); train without --resume"
+        )
     saved = state["recipe"]
-    changed = sorted(k for k, v in recipe.to_dict().items() if k not in RESUMABLE_CHANGES and _plain(saved.get(k)) != _plain(v))
+    changed = sorted(
+        k for k, v in recipe.to_dict().items() if k not in RESUMABLE_CHANGES and _plain(saved.get(k)) != _plain(v)
+    )
     if changed:
         raise CheckpointError(
             f"{path}: recipe fields {changed} differ from the run being resumed; resume with the same recipe "

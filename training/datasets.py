@@ -12,8 +12,8 @@ import csv
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,9 @@ class PreparedData:
         """
         items = self.splits.get(name, ())
         if not items:
-            raise DatasetError(f"{self.root / 'classification.csv'}: no {name!r} images; {PREPARE_HINT} with enough images")
+            raise DatasetError(
+                f"{self.root / 'classification.csv'}: no {name!r} images; {PREPARE_HINT} with enough images"
+            )
         return items
 
 
@@ -92,7 +94,9 @@ def read_prepared(prepared: Path) -> PreparedData:
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{info_path}: unreadable ({exc}); {PREPARE_HINT} again") from exc
     if info.get("complete") is False:
-        raise DatasetError(f"{info_path}: the prepare run was interrupted; run spine-edge data prepare again to finish it")
+        raise DatasetError(
+            f"{info_path}: the prepare run was interrupted; run spine-edge data prepare again to finish it"
+        )
     if not info.get("fingerprint"):
         raise DatasetError(f"{info_path}: has no fingerprint; {PREPARE_HINT} again")
 
@@ -109,7 +113,9 @@ def read_prepared(prepared: Path) -> PreparedData:
                         f"{index_path}:{line}: malformed row ({exc!r}); expected image_id,study_id,split,abnormal,path"
                     ) from exc
                 if split not in splits or label not in (0, 1):
-                    raise DatasetError(f"{index_path}:{line}: split {split!r} / abnormal {label!r} not in {SPLITS} / (0, 1)")
+                    raise DatasetError(
+                        f"{index_path}:{line}: split {split!r} / abnormal {label!r} not in {SPLITS} / (0, 1)"
+                    )
                 splits[split].append(item)
     except FileNotFoundError:
         raise DatasetError(f"{index_path}: not found; {PREPARE_HINT}") from None
@@ -174,8 +180,14 @@ class GrayAugment:
         if degrees:
             centre = ((self.size - 1) / 2, (self.size - 1) / 2)
             matrix = cv2.getRotationMatrix2D(centre, degrees, 1.0)
-            image = cv2.warpAffine(image, matrix, (self.size, self.size), flags=cv2.INTER_LINEAR,
-                                   borderMode=cv2.BORDER_CONSTANT, borderValue=CLASSIFIER_PAD_VALUE)
+            image = cv2.warpAffine(
+                image,
+                matrix,
+                (self.size, self.size),
+                flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=CLASSIFIER_PAD_VALUE,
+            )
         if self.jitter:
             b = 1 + (2 * bright - 1) * self.jitter
             c = 1 + (2 * contrast - 1) * self.jitter
@@ -198,7 +210,10 @@ class ClassificationDataset(Dataset):
     """
 
     def __init__(
-        self, items: tuple[ClassificationItem, ...], size: int, transform: Callable[[np.ndarray], np.ndarray] | None = None
+        self,
+        items: tuple[ClassificationItem, ...],
+        size: int,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.items = items
         self.size = size

@@ -187,9 +187,7 @@ def read_prepared_cache(prepared: Path) -> PreparedDetectorData:
         names = [names[k] for k in sorted(names, key=int)]
     class_names = tuple(str(n) for n in meta["class_names"])
     if names is None or tuple(names) != class_names:
-        raise DatasetError(
-            f"{yaml_path}: class names {names} differ from prepare.json's {list(class_names)} ({redo})"
-        )
+        raise DatasetError(f"{yaml_path}: class names {names} differ from prepare.json's {list(class_names)} ({redo})")
     for split in _SPLITS:
         folder = prepared / "images" / split
         if not folder.is_dir() or not any(p.suffix.lower() in _IMAGE_SUFFIXES for p in folder.iterdir()):

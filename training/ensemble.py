@@ -24,12 +24,12 @@ from spine_edge.errors import DatasetError
 from spine_edge.io_utils import write_text_atomic
 from spine_edge.metrics import ClassificationMetrics, compute_auroc, evaluate_classification
 from spine_edge.support import import_optional, json_safe
-from spine_edge.tta import DEFAULT_VIEWS, TTAView, views_by_name
 from spine_edge.training.checkpoints import CheckpointError, classifier_checkpoint_path, load_classifier_checkpoint
 from spine_edge.training.classifier import default_device, use_all_cores
 from spine_edge.training.datasets import ClassificationDataset, read_prepared
 from spine_edge.training.models import DERNetEnsemble, TTAClassifier, backbone_from_checkpoint, data_config_from_meta
 from spine_edge.training.profiles import Profile
+from spine_edge.tta import DEFAULT_VIEWS, TTAView, views_by_name
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +120,16 @@ def collect_val_probs(
         dataset = datasets.setdefault(cfg.input_size, ClassificationDataset(items, cfg.input_size))
         model = TTAClassifier(backbone_from_checkpoint(checkpoint), cfg, views).to(device).eval()
         with torch.no_grad():
-            probs = [model(dataset.images[i : i + batch_size].to(device))[0].cpu() for i in range(0, len(dataset), batch_size)]
+            probs = [
+                model(dataset.images[i : i + batch_size].to(device))[0].cpu()
+                for i in range(0, len(dataset), batch_size)
+            ]
         rows.append(torch.cat(probs).numpy().astype(np.float64))
         archs.append(checkpoint.meta.arch)
     labels = np.array([item.label for item in items], dtype=np.int64)
-    return ValPredictions(tuple(archs), tuple(item.image_id for item in items), labels, np.stack(rows), tuple(v.name for v in views))
+    return ValPredictions(
+        tuple(archs), tuple(item.image_id for item in items), labels, np.stack(rows), tuple(v.name for v in views)
+    )
 
 
 def simplex_grid(members: int, step: float) -> np.ndarray:
@@ -144,7 +149,9 @@ def simplex_grid(members: int, step: float) -> np.ndarray:
     def compositions(remaining: int, parts: int) -> list[tuple[int, ...]]:
         if parts == 1:
             return [(remaining,)]
-        return [(first, *rest) for first in range(remaining, -1, -1) for rest in compositions(remaining - first, parts - 1)]
+        return [
+            (first, *rest) for first in range(remaining, -1, -1) for rest in compositions(remaining - first, parts - 1)
+        ]
 
     return np.array(compositions(total, members), dtype=np.int64)
 
@@ -182,7 +189,7 @@ def grid_search_weights(probs: np.ndarray, labels: np.ndarray, step: float = 0.0
     best = aurocs.max()
     tied = counts[aurocs >= best - AUROC_TIE]
     # Ascending squared sum, then descending counts in member order (lexsort's last key is primary).
-    order = np.lexsort(tuple(-tied[:, i] for i in reversed(range(tied.shape[1]))) + ((tied**2).sum(axis=1),))
+    order = np.lexsort((*(-tied[:, i] for i in reversed(range(tied.shape[1]))), (tied**2).sum(axis=1)))
     chosen = tied[order[0]]
     return tuple(float(c / total) for c in chosen), float(compute_auroc(labels, (chosen / total) @ probs))
 
@@ -250,7 +257,9 @@ def train_ensemble(prepared: Path, ckpt_dir: Path, profile: Profile) -> Ensemble
         )
     sizes = sorted({m.input_size for m in metas})
     if len(sizes) != 1:
-        raise CheckpointError(f"{ckpt_dir}: members have input sizes {sizes}; the ensemble graph has one input, retrain at one size")
+        raise CheckpointError(
+            f"{ckpt_dir}: members have input sizes {sizes}; the ensemble graph has one input, retrain at one size"
+        )
 
     predictions = collect_val_probs(prepared, paths)
     if np.unique(predictions.labels).size < 2:
@@ -268,7 +277,7 @@ def train_ensemble(prepared: Path, ckpt_dir: Path, profile: Profile) -> Ensemble
         "method": "grid",
         "objective": "val AUROC of the weighted mean of TTA probabilities",
         "step": profile.ensemble_step,
-        "candidates": int(len(simplex_grid(len(archs), profile.ensemble_step))),
+        "candidates": len(simplex_grid(len(archs), profile.ensemble_step)),
         "tie_break": TIE_BREAK,
         "threshold_rule": "Youden's J on the ensemble's val probabilities; lowest threshold among ties; prob >= threshold is abnormal",
         "member_threshold_rule": "each member's metrics are at its own Youden threshold",
@@ -297,7 +306,9 @@ def train_ensemble(prepared: Path, ckpt_dir: Path, profile: Profile) -> Ensemble
         "search": search,
     }
     # Strict JSON: an AUROC that is undefined (one class among the labels) is written as null.
-    path = write_text_atomic(ckpt_dir / ENSEMBLE_JSON, json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
+    path = write_text_atomic(
+        ckpt_dir / ENSEMBLE_JSON, json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n"
+    )
     logger.info("ensemble weights %s, val AUROC %.4f, threshold %.4f", dict(zip(archs, weights)), auroc, threshold)
     return EnsembleResult(path, archs, weights, threshold, auroc, metrics, time.perf_counter() - started)
 
@@ -338,12 +349,16 @@ def load_dernet(ckpt_dir: Path) -> DERNetEnsemble:
     try:
         views = views_by_name(document["tta_views"])
     except KeyError as exc:
-        raise CheckpointError(f"{ckpt_dir / ENSEMBLE_JSON}: unknown TTA view {exc}; run spine-edge train ensemble again") from exc
+        raise CheckpointError(
+            f"{ckpt_dir / ENSEMBLE_JSON}: unknown TTA view {exc}; run spine-edge train ensemble again"
+        ) from exc
     members, weights = [], []
     for member in document["members"]:
         if member["weight"] <= 0:
             continue
         checkpoint = load_classifier_checkpoint(ckpt_dir / member["checkpoint"])
-        members.append(TTAClassifier(backbone_from_checkpoint(checkpoint), data_config_from_meta(checkpoint.meta), views))
+        members.append(
+            TTAClassifier(backbone_from_checkpoint(checkpoint), data_config_from_meta(checkpoint.meta), views)
+        )
         weights.append(float(member["weight"]))
     return DERNetEnsemble(members, weights).eval()

@@ -155,7 +155,9 @@ PAPER = Profile(
     name="paper",
     classifiers=(
         ClassifierRecipe("densenet121", input_size=384, batch_size=32, epochs=60),
-        ClassifierRecipe("tf_efficientnetv2_s", input_size=384, batch_size=24, epochs=60, progressive_sizes=(128, 256, 384)),
+        ClassifierRecipe(
+            "tf_efficientnetv2_s", input_size=384, batch_size=24, epochs=60, progressive_sizes=(128, 256, 384)
+        ),
         ClassifierRecipe("resnet50", input_size=384, batch_size=32, epochs=60),
     ),
     detector=DetectorRecipe(model="yolo11l.yaml", imgsz=640, epochs=35, batch=12, nbs=48, workers=8),
@@ -176,7 +178,9 @@ CPU = Profile(
         # 0.55), 192 px gave nothing at twice the cost, densenet121 costs 3x resnet10t.
         # lr 1e-3..3e-3 rather than the paper's 1e-4: random init and 8-15 epochs, not 60.
         ClassifierRecipe("resnet10t", input_size=128, batch_size=8, epochs=15, lr=3e-3, t_max=15, patience=5),
-        ClassifierRecipe("tf_efficientnetv2_b0", input_size=128, batch_size=8, epochs=10, lr=1e-3, t_max=10, patience=4),
+        ClassifierRecipe(
+            "tf_efficientnetv2_b0", input_size=128, batch_size=8, epochs=10, lr=1e-3, t_max=10, patience=4
+        ),
         ClassifierRecipe("tinynet_e", input_size=128, batch_size=8, epochs=8, lr=3e-3, t_max=8, patience=3),
     ),
     # Detector measured on the same set: yolo11n from scratch at 256 px, ~26 s per epoch on 2 idle
@@ -200,7 +204,14 @@ TINY = Profile(
         ClassifierRecipe("resnet10t", input_size=64, batch_size=4, epochs=1, lr=1e-3, t_max=1, patience=1),
     ),
     detector=DetectorRecipe(
-        model="yolo11n.yaml", imgsz=64, epochs=1, batch=4, nbs=4, warmup_epochs=0.0, multi_scale=0.0, workers=0,
+        model="yolo11n.yaml",
+        imgsz=64,
+        epochs=1,
+        batch=4,
+        nbs=4,
+        warmup_epochs=0.0,
+        multi_scale=0.0,
+        workers=0,
         plots=False,
     ),
     prepare_long_side=128,

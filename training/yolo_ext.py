@@ -199,7 +199,7 @@ def build_lesion_bank(
     Returns:
         The bank (empty when no rare-class box exists).
     """
-    wanted = set(int(c) for c in rare_class_ids)
+    wanted = {int(c) for c in rare_class_ids}
     crops: list[np.ndarray] = []
     classes: list[int] = []
     for path, label in zip(image_files, labels):

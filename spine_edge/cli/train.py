@@ -15,8 +15,8 @@ from typing import Any
 import click
 
 from spine_edge.cli import EXIT_SETUP, fail
-from spine_edge.support import import_optional
 from spine_edge.errors import SpineEdgeError
+from spine_edge.support import import_optional
 
 _FOLDER = click.Path(file_okay=False, path_type=Path)
 
@@ -34,10 +34,16 @@ def _profile(name: str) -> Any:
 
 def _common(command: Callable[..., None]) -> Callable[..., None]:
     options = [
-        click.option("--profile", "profile_name", default="cpu", show_default=True,
-                     help="Training profile: paper (GPU), cpu (demo on a few cores) or tiny (tests)."),
-        click.option("--data", "prepared", required=True, type=_FOLDER,
-                     help="Prepared cache written by spine-edge data prepare."),
+        click.option(
+            "--profile",
+            "profile_name",
+            default="cpu",
+            show_default=True,
+            help="Training profile: paper (GPU), cpu (demo on a few cores) or tiny (tests).",
+        ),
+        click.option(
+            "--data", "prepared", required=True, type=_FOLDER, help="Prepared cache written by spine-edge data prepare."
+        ),
         click.option("--out", required=True, type=_FOLDER, help="Checkpoint folder (CKPT)."),
     ]
     for option in reversed(options):
@@ -52,15 +58,29 @@ def train() -> None:
 
 @train.command()
 @_common
-@click.option("--arch", "archs", multiple=True, help="Member to train (repeatable; default: every member of the profile).")
+@click.option(
+    "--arch", "archs", multiple=True, help="Member to train (repeatable; default: every member of the profile)."
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's maximum epochs.")
 @click.option("--resume", is_flag=True, help="Continue from CKPT/resume/ (optimizer, scheduler, epoch, RNG).")
-@click.option("--pretrained", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Local ImageNet weights: a state-dict file (with one --arch) or a folder of <arch>.pth/.pt/.safetensors.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation, augmentation and shuffling.")
+@click.option(
+    "--pretrained",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Local ImageNet weights: a state-dict file (with one --arch) or a folder of <arch>.pth/.pt/.safetensors.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seed of initialisation, augmentation and shuffling."
+)
 def classifier(
-    profile_name: str, prepared: Path, out: Path, archs: tuple[str, ...], epochs: int | None, resume: bool,
-    pretrained: Path | None, seed: int,
+    profile_name: str,
+    prepared: Path,
+    out: Path,
+    archs: tuple[str, ...],
+    epochs: int | None,
+    resume: bool,
+    pretrained: Path | None,
+    seed: int,
 ) -> None:
     """Train DERNet members; writes CKPT/classifier_<arch>.pt, CKPT/resume/ and CKPT/logs/."""
     profile = _profile(profile_name)
@@ -122,15 +142,23 @@ def train_all(profile_name: str, prepared: Path, out: Path, resume: bool, seed: 
 
 
 def _train_classifiers(
-    profile: Any, prepared: Path, out: Path, archs: tuple[str, ...], epochs: int | None, resume: bool,
-    pretrained: Path | None, seed: int,
+    profile: Any,
+    prepared: Path,
+    out: Path,
+    archs: tuple[str, ...],
+    epochs: int | None,
+    resume: bool,
+    pretrained: Path | None,
+    seed: int,
 ) -> None:
     classifier_module = _import_training("spine_edge.training.classifier")
     models = _import_training("spine_edge.training.models")
     profiles = _import_training("spine_edge.training.profiles")
     selected = archs or tuple(recipe.arch for recipe in profile.classifiers)
     if pretrained is not None and pretrained.is_file() and len(selected) != 1:
-        raise click.BadParameter("a weights file fits one arch: add --arch, or pass a folder of <arch>.pth files", param_hint="--pretrained")
+        raise click.BadParameter(
+            "a weights file fits one arch: add --arch, or pass a folder of <arch>.pth files", param_hint="--pretrained"
+        )
     for arch in selected:
         try:
             recipe = profiles.with_overrides(profile.classifier(arch), epochs=epochs)

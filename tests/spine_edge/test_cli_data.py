@@ -17,7 +17,22 @@ from spine_edge.cli import EXIT_OK, EXIT_SETUP, EXIT_SOME_INPUTS_FAILED, main
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli") / "vindr"
     result = CliRunner().invoke(
-        main, ["data", "synth", str(root), "--n-train", "12", "--n-test", "4", "--seed", "1", "--scale", "0.05", "--workers", "1"]
+        main,
+        [
+            "data",
+            "synth",
+            str(root),
+            "--n-train",
+            "12",
+            "--n-test",
+            "4",
+            "--seed",
+            "1",
+            "--scale",
+            "0.05",
+            "--workers",
+            "1",
+        ],
     )
     assert result.exit_code == EXIT_OK, result.output
     assert "wrote 16 synthetic radiographs" in result.stdout
@@ -32,14 +47,29 @@ def test_synth_writes_the_vindr_layout(synth_root: Path) -> None:
 
 
 def test_synth_refuses_a_non_empty_folder(synth_root: Path) -> None:
-    result = CliRunner().invoke(main, ["data", "synth", str(synth_root), "--n-train", "2", "--n-test", "1", "--scale", "0.05"])
+    result = CliRunner().invoke(
+        main, ["data", "synth", str(synth_root), "--n-train", "2", "--n-test", "1", "--scale", "0.05"]
+    )
     assert result.exit_code == EXIT_SETUP
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 
 def test_prepare_then_check(synth_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "cache"
-    args = ["data", "prepare", str(synth_root), str(out), "--long-side", "40", "--val-fraction", "0.2", "--seed", "2", "--workers", "1"]
+    args = [
+        "data",
+        "prepare",
+        str(synth_root),
+        str(out),
+        "--long-side",
+        "40",
+        "--val-fraction",
+        "0.2",
+        "--seed",
+        "2",
+        "--workers",
+        "1",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == EXIT_OK, result.output
     state = json.loads((out / "prepare.json").read_text())
@@ -78,7 +108,9 @@ def test_prepare_exits_1_when_an_image_cannot_be_read(synth_root: Path, tmp_path
     shutil.copytree(synth_root, root)
     victim = sorted((root / "test_images").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:-200])
-    result = CliRunner().invoke(main, ["data", "prepare", str(root), str(tmp_path / "cache"), "--long-side", "32", "--workers", "1"])
+    result = CliRunner().invoke(
+        main, ["data", "prepare", str(root), str(tmp_path / "cache"), "--long-side", "32", "--workers", "1"]
+    )
     assert result.exit_code == EXIT_SOME_INPUTS_FAILED, result.output
     assert "failed 1" in result.stdout and "unreadable_image 1" in result.stdout
     assert "1 image(s) could not be read" in result.stderr

@@ -25,8 +25,10 @@ def test_round_trip_through_read_image(tmp_path: Path, syntax: str) -> None:
     path = write_dicom(tmp_path / "sub" / "a.dicom", dataset)
     assert path == tmp_path / "sub" / "a.dicom"
     stored = pydicom.dcmread(path)
-    assert stored.file_meta.TransferSyntaxUID == {"explicit-little": "1.2.840.10008.1.2.1",
-                                                  "jpeg2000-lossless": "1.2.840.10008.1.2.4.90"}[syntax]
+    assert (
+        stored.file_meta.TransferSyntaxUID
+        == {"explicit-little": "1.2.840.10008.1.2.1", "jpeg2000-lossless": "1.2.840.10008.1.2.4.90"}[syntax]
+    )
     np.testing.assert_array_equal(stored.pixel_array, pixels)  # lossless either way
     radiograph = read_image(path)
     assert radiograph.windowing == "window" and radiograph.bits_stored == 12

@@ -98,22 +98,41 @@ def test_no_detections_at_all() -> None:
     assert math.isnan(m.per_class["b"].ap50)
 
 
-def _independent_coco_map(gt: list[ImageBoxes], det: list[ImageBoxes], num_classes: int) -> tuple[float, float, list[float]]:
+def _independent_coco_map(
+    gt: list[ImageBoxes], det: list[ImageBoxes], num_classes: int
+) -> tuple[float, float, list[float]]:
     """A direct pycocotools evaluation, written without spine_edge.metrics' helpers."""
     images, annotations, results = [], [], []
     for i, (g, d) in enumerate(zip(gt, det)):
         images.append({"id": 100 + i})
         for box, cls in zip(g.boxes, g.classes):
             w, h = float(box[2] - box[0]), float(box[3] - box[1])
-            annotations.append({"id": 1000 + len(annotations), "image_id": 100 + i, "category_id": 10 + int(cls),
-                                "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h, "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": 1000 + len(annotations),
+                    "image_id": 100 + i,
+                    "category_id": 10 + int(cls),
+                    "bbox": [float(box[0]), float(box[1]), w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
         for box, cls, score in zip(d.boxes, d.classes, d.scores):
-            results.append({"image_id": 100 + i, "category_id": 10 + int(cls), "score": float(score),
-                            "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]})
+            results.append(
+                {
+                    "image_id": 100 + i,
+                    "category_id": 10 + int(cls),
+                    "score": float(score),
+                    "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
+                }
+            )
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
-        coco.dataset = {"images": images, "annotations": annotations,
-                        "categories": [{"id": 10 + c} for c in range(num_classes)]}
+        coco.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": 10 + c} for c in range(num_classes)],
+        }
         coco.createIndex()
         evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
         evaluator.evaluate()
@@ -141,7 +160,9 @@ def test_map_equals_direct_pycocotools_on_random_detections() -> None:
         extra = rng.uniform(0, 100, (int(rng.integers(0, 3)), 2))
         fp = np.concatenate([extra, extra + 15], 1)
         det_boxes = np.concatenate([jitter, fp]).astype(np.float32)
-        det_classes = np.concatenate([np.where(rng.random(n) < 0.8, classes, (classes + 1) % 3), rng.integers(0, 3, len(fp))])
+        det_classes = np.concatenate(
+            [np.where(rng.random(n) < 0.8, classes, (classes + 1) % 3), rng.integers(0, 3, len(fp))]
+        )
         det.append(ImageBoxes(det_boxes, det_classes.astype(np.int64), rng.random(len(det_boxes)).astype(np.float32)))
     m = evaluate_detection(gt, det, NAMES)
     map50, map50_95, per_class = _independent_coco_map(gt, det, 3)

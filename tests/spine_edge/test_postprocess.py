@@ -56,7 +56,15 @@ def test_hand_made_boxes_keep_exactly_the_expected_ones() -> None:
         [0, 5, 10, 15],  # class 0, 0.5: IoU 50/150 = 0.33 -> kept
         [50, 50, 60, 60],  # 0.25 exactly: not above the threshold -> dropped
     ]
-    scores = [_one_hot(0, 0.9), _one_hot(0, 0.8), _one_hot(0, 0.7), _one_hot(3, 0.85), _one_hot(0, 0.6), _one_hot(0, 0.5), _one_hot(1, 0.25)]
+    scores = [
+        _one_hot(0, 0.9),
+        _one_hot(0, 0.8),
+        _one_hot(0, 0.7),
+        _one_hot(3, 0.85),
+        _one_hot(0, 0.6),
+        _one_hot(0, 0.5),
+        _one_hot(1, 0.25),
+    ]
     det = decode_yolo(_raw(boxes, scores), conf_threshold=0.25, iou_threshold=0.65)[0]
     assert det.scores.tolist() == pytest.approx([0.9, 0.85, 0.7, 0.5])
     assert det.class_ids.tolist() == [0, 3, 0, 0]

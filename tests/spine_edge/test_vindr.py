@@ -21,7 +21,11 @@ from spine_edge.vindr import (
     summarize_dataset,
 )
 
-OST, IMPLANT, VC = CLASS_NAMES.index("Osteophytes"), CLASS_NAMES.index("Surgical implant"), CLASS_NAMES.index("Vertebral collapse")
+OST, IMPLANT, VC = (
+    CLASS_NAMES.index("Osteophytes"),
+    CLASS_NAMES.index("Surgical implant"),
+    CLASS_NAMES.index("Vertebral collapse"),
+)
 
 
 def write_dicom(path: Path, width: int, height: int) -> None:
@@ -88,7 +92,22 @@ TEST_ROWS = [row("t1", "Osteophytes", 0, 0, 100, 120), row("shared", "No finding
 @pytest.fixture(scope="module")
 def messy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("vindr")
-    for image_id in ("normal", "clean", "clipped", "outside", "empty", "unknown", "unknownmixed", "conflict", "badnum", "dup", "unlisted", "shared", "twostudies", "nostudy"):
+    for image_id in (
+        "normal",
+        "clean",
+        "clipped",
+        "outside",
+        "empty",
+        "unknown",
+        "unknownmixed",
+        "conflict",
+        "badnum",
+        "dup",
+        "unlisted",
+        "shared",
+        "twostudies",
+        "nostudy",
+    ):
         write_dicom(root / "train_images" / f"{image_id}.dicom", width=100, height=120)
     (root / "train_images" / "corrupt.dicom").write_bytes(b"this is not a DICOM file" * 10)
     for image_id in ("t1", "shared"):

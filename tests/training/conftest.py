@@ -20,7 +20,9 @@ from spine_edge.constants import CLASS_NAMES
 from spine_edge.io_utils import write_image_atomic
 
 
-def _draw(rng: np.random.Generator, height: int, width: int, abnormal: bool) -> tuple[np.ndarray, tuple[float, ...] | None]:
+def _draw(
+    rng: np.random.Generator, height: int, width: int, abnormal: bool
+) -> tuple[np.ndarray, tuple[float, ...] | None]:
     image = rng.normal(40, 8, (height, width))
     x0 = width // 2 - width // 8
     image[:, x0 : x0 + width // 4] += 70
@@ -54,7 +56,9 @@ def write_prepared_cache(root: Path, counts: dict[str, int], long_side: int, see
         summary[split] = {"images": n, "abnormal": n // 2, "normal": n - n // 2}
     (root / "classification.csv").write_text("\n".join(rows) + "\n")
     names = "\n".join(f"  {i}: {name}" for i, name in enumerate(CLASS_NAMES))
-    (root / "dataset.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\ntest: images/test\nnames:\n{names}\n")
+    (root / "dataset.yaml").write_text(
+        f"path: {root}\ntrain: images/train\nval: images/val\ntest: images/test\nnames:\n{names}\n"
+    )
     fingerprint = hashlib.sha256(json.dumps([counts, long_side, seed]).encode()).hexdigest()
     info = {
         "version": 1,

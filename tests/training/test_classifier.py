@@ -16,12 +16,12 @@ import timm
 import torch
 
 from spine_edge.errors import DatasetError
-from spine_edge.tta import DEFAULT_VIEWS
 from spine_edge.training.checkpoints import CheckpointError, load_train_state
 from spine_edge.training.classifier import build_training_components, size_for_epoch, train_classifier
 from spine_edge.training.datasets import GrayAugment
 from spine_edge.training.models import build_backbone, tta_classifier_from_checkpoint
 from spine_edge.training.profiles import ClassifierRecipe, get_profile
+from spine_edge.tta import DEFAULT_VIEWS
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -30,7 +30,9 @@ RECIPE = replace(get_profile("tiny").classifier("test_resnet"), lr=2e-3, weight_
 
 
 @pytest.fixture(scope="module")
-def one_epoch(single_thread: None, tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+def one_epoch(
+    single_thread: None, tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("ckpt")
     return out, train_classifier(tiny_prepared, out, RECIPE, seed=0, profile_name="tiny", progress=False)
 
@@ -45,7 +47,7 @@ def test_recipe_builds_adamw_cosine_and_bce() -> None:
 
 
 def test_the_run_used_the_recipe(one_epoch: tuple[Path, object]) -> None:
-    out, result = one_epoch
+    _, result = one_epoch
     state = load_train_state(result.state)
     group = state["optimizer"]["param_groups"][0]
     assert group["initial_lr"] == 2e-3 and group["weight_decay"] == 3e-4 and group["amsgrad"] is False
@@ -67,7 +69,9 @@ def test_checkpoint_log_and_metadata(one_epoch: tuple[Path, object], tiny_prepar
     assert result.checkpoint == out / "classifier_test_resnet.pt" and result.epochs_run == 1 and result.best_epoch == 1
     with (out / "logs" / "test_resnet.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [1] and float(rows[0]["val_auroc"]) == pytest.approx(result.best_val_auroc, abs=1e-5)
+    assert [int(r["epoch"]) for r in rows] == [1] and float(rows[0]["val_auroc"]) == pytest.approx(
+        result.best_val_auroc, abs=1e-5
+    )
 
     payload = torch.load(result.checkpoint, weights_only=True)
     meta = payload["meta"]
@@ -96,7 +100,11 @@ def test_checkpoint_loads_weights_only_without_spine_edge(one_epoch: tuple[Path,
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60)
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)
-    assert info["arch"] == "test_resnet" and info["epoch"] == 1 and info["n"] == len(build_backbone("test_resnet").state_dict())
+    assert (
+        info["arch"] == "test_resnet"
+        and info["epoch"] == 1
+        and info["n"] == len(build_backbone("test_resnet").state_dict())
+    )
 
 
 def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(
@@ -113,7 +121,9 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(
     assert resumed.history[0] == first.history[0]
     assert load_train_state(resumed.state)["scheduler"]["last_epoch"] == 2
     for a, b in zip(resumed.history, straight.history):
-        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4) and a.val_auroc == pytest.approx(b.val_auroc, abs=1e-6)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4) and a.val_auroc == pytest.approx(
+            b.val_auroc, abs=1e-6
+        )
     weights_a = load_train_state(resumed.state)["model"]
     weights_b = load_train_state(straight.state)["model"]
     for name, tensor in weights_a.items():
@@ -142,7 +152,7 @@ def test_single_class_validation_is_refused(tiny_prepared: Path, tmp_path: Path)
     bad = tmp_path / "prepared"
     shutil.copytree(tiny_prepared, bad)
     lines = (bad / "classification.csv").read_text().splitlines()
-    kept = [lines[0]] + [line for line in lines[1:] if not (",val,1," in line)]
+    kept = [lines[0]] + [line for line in lines[1:] if ",val,1," not in line]
     (bad / "classification.csv").write_text("\n".join(kept) + "\n")
     with pytest.raises(DatasetError, match="every 'val' image is normal"):
         train_classifier(bad, tmp_path / "ckpt", RECIPE, progress=False)

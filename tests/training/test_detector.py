@@ -232,8 +232,16 @@ def trainer(ext, prepared: Path, tmp_path_factory: pytest.TempPathFactory):
     from spine_edge.training.detector import build_detector_trainer
 
     recipe = replace(
-        get_profile("tiny").detector, epochs=3, batch=2, nbs=8, close_mosaic=2, mosaic=0.5, lr0=0.02,
-        momentum=0.85, weight_decay=4e-4, copy_paste_p=0.2,
+        get_profile("tiny").detector,
+        epochs=3,
+        batch=2,
+        nbs=8,
+        close_mosaic=2,
+        mosaic=0.5,
+        lr0=0.02,
+        momentum=0.85,
+        weight_decay=4e-4,
+        copy_paste_p=0.2,
     )
     trainer = build_detector_trainer(prepared, tmp_path_factory.mktemp("setup_out"), recipe, seed=1)
     trainer._setup_train()  # everything train() does before the first batch
@@ -402,7 +410,7 @@ def test_dataset_pastes_rare_lesions_before_augmentation(trainer) -> None:
 
 
 def test_bad_cache_raises_dataset_error(ext, prepared: Path, tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="prepare.json: missing"):
+    with pytest.raises(DatasetError, match=r"prepare\.json: missing"):
         read_prepared_cache(tmp_path)
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -16,8 +16,6 @@ from sklearn.metrics import roc_auc_score
 
 from spine_edge.cli import EXIT_SETUP, EXIT_USAGE, main
 from spine_edge.metrics import evaluate_classification
-from spine_edge.tta import DEFAULT_VIEWS
-from tests.training.conftest import write_prepared_cache
 from spine_edge.training.checkpoints import CheckpointError
 from spine_edge.training.datasets import ClassificationDataset, read_prepared
 from spine_edge.training.ensemble import (
@@ -29,6 +27,8 @@ from spine_edge.training.ensemble import (
     youden_threshold,
 )
 from spine_edge.training.profiles import get_profile
+from spine_edge.tta import DEFAULT_VIEWS
+from tests.training.conftest import write_prepared_cache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -94,7 +94,10 @@ def cli_run(single_thread: None, tiny_prepared: Path, tmp_path_factory: pytest.T
     out = tmp_path_factory.mktemp("ckpt")
     runner = CliRunner()
     common = ["--profile", "tiny", "--data", str(tiny_prepared), "--out", str(out)]
-    results = [runner.invoke(main, ["train", "classifier", *common]), runner.invoke(main, ["train", "ensemble", *common])]
+    results = [
+        runner.invoke(main, ["train", "classifier", *common]),
+        runner.invoke(main, ["train", "ensemble", *common]),
+    ]
     return out, results
 
 
@@ -122,12 +125,16 @@ def test_cli_trains_classifiers_and_the_ensemble(cli_run: tuple[Path, list], tin
     predictions = collect_val_probs(tiny_prepared, [out / f"classifier_{a}.pt" for a in TINY_ARCHS])
     ensemble_probs = weights @ predictions.probs
     assert document["threshold"] == pytest.approx(youden_threshold(ensemble_probs, predictions.labels), abs=1e-6)
-    assert document["metrics"]["ensemble"]["auroc"] == pytest.approx(roc_auc_score(predictions.labels, ensemble_probs), abs=1e-6)
+    assert document["metrics"]["ensemble"]["auroc"] == pytest.approx(
+        roc_auc_score(predictions.labels, ensemble_probs), abs=1e-6
+    )
     for member, row in zip(document["members"], predictions.probs):
         assert member["val_auroc"] == pytest.approx(roc_auc_score(predictions.labels, row), abs=1e-6)
 
 
-def test_loaded_ensemble_module_computes_the_searched_probabilities(cli_run: tuple[Path, list], tiny_prepared: Path) -> None:
+def test_loaded_ensemble_module_computes_the_searched_probabilities(
+    cli_run: tuple[Path, list], tiny_prepared: Path
+) -> None:
     out, _ = cli_run
     document = json.loads((out / "ensemble.json").read_text())
     kept = [m for m in document["members"] if m["weight"] > 0]
@@ -154,9 +161,14 @@ def test_ensemble_names_missing_members(tiny_prepared: Path, tmp_path: Path, cli
     partial = tmp_path / "partial"
     partial.mkdir()
     shutil.copy(out / f"classifier_{TINY_ARCHS[0]}.pt", partial)
-    result = CliRunner().invoke(main, ["train", "ensemble", "--profile", "tiny", "--data", str(tiny_prepared), "--out", str(partial)])
+    result = CliRunner().invoke(
+        main, ["train", "ensemble", "--profile", "tiny", "--data", str(tiny_prepared), "--out", str(partial)]
+    )
     assert result.exit_code == EXIT_SETUP
-    assert f"classifier_{TINY_ARCHS[1]}.pt" in result.output and "spine-edge train classifier --profile tiny" in result.output
+    assert (
+        f"classifier_{TINY_ARCHS[1]}.pt" in result.output
+        and "spine-edge train classifier --profile tiny" in result.output
+    )
 
 
 def test_cli_rejects_an_unknown_profile_or_arch(tiny_prepared: Path, tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from spine_edge.tta import DEFAULT_VIEWS, views_by_name
 from spine_edge.training.checkpoints import CheckpointError
 from spine_edge.training.models import (
     ArchitectureError,
@@ -24,6 +23,7 @@ from spine_edge.training.models import (
     zero_head,
 )
 from spine_edge.training.profiles import PROFILES
+from spine_edge.tta import DEFAULT_VIEWS, views_by_name
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -58,7 +58,10 @@ def _expected_labels(root: Path) -> dict[str, list[tuple[int, float, float, floa
 
 
 def _cache_files(out: Path) -> dict[Path, int]:
-    return {p: p.stat().st_mtime_ns for p in sorted((out / "images").rglob("*.png")) + sorted((out / "labels").rglob("*.txt"))}
+    return {
+        p: p.stat().st_mtime_ns
+        for p in sorted((out / "images").rglob("*.png")) + sorted((out / "labels").rglob("*.txt"))
+    }
 
 
 def _rows(out: Path) -> list[dict[str, str]]:

@@ -21,10 +21,11 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -159,7 +160,9 @@ def compute_fingerprint(root: Path, records: dict[str, Sequence[ImageRecord]], s
     return digest.hexdigest()
 
 
-def prepare_dataset(root: str | Path, out: str | Path, config: PrepareConfig = PrepareConfig(), progress: bool = True) -> PrepareReport:
+def prepare_dataset(
+    root: str | Path, out: str | Path, config: PrepareConfig = PrepareConfig(), progress: bool = True
+) -> PrepareReport:
     """Convert a VinDr-SpineXR folder into the training cache (resumable, parallel).
 
     Args:
@@ -201,7 +204,9 @@ def prepare_dataset(root: str | Path, out: str | Path, config: PrepareConfig = P
     state.update(
         counts=counts,
         complete=True,
-        problems=[{"kind": p.kind.value, "source": p.source, "image_id": p.image_id, "message": p.message} for p in problems],
+        problems=[
+            {"kind": p.kind.value, "source": p.source, "image_id": p.image_id, "message": p.message} for p in problems
+        ],
     )
     write_text_atomic(out / PREPARE_JSON, json.dumps(state, indent=2) + "\n")
     return PrepareReport(
@@ -281,7 +286,9 @@ def _plan(out: Path, splits: dict[str, tuple[ImageRecord, ...]], long_side: int)
 def _run(tasks: list[_Task], workers: int | None, progress: bool) -> Iterator[Problem | None]:
     workers = min(workers or os.cpu_count() or 1, max(len(tasks), 1))
     if workers == 1:
-        with tqdm(total=len(tasks), desc="prepare", unit="img", file=sys.stderr, disable=not (progress and tasks)) as bar:
+        with tqdm(
+            total=len(tasks), desc="prepare", unit="img", file=sys.stderr, disable=not (progress and tasks)
+        ) as bar:
             for task in tasks:
                 yield _convert(task)
                 bar.update()
@@ -303,7 +310,10 @@ def _convert(task: _Task) -> Problem | None:
         return Problem(ProblemKind.UNREADABLE_IMAGE, task.source, task.image_id, f"{exc.reason}; excluded")
     except Exception as exc:  # noqa: BLE001 - one undecodable file must not end a many-hour conversion
         return Problem(
-            ProblemKind.UNREADABLE_IMAGE, task.source, task.image_id, f"decoder failed ({type(exc).__name__}: {exc}); excluded"
+            ProblemKind.UNREADABLE_IMAGE,
+            task.source,
+            task.image_id,
+            f"decoder failed ({type(exc).__name__}: {exc}); excluded",
         )
     if image.shape[:2] != (task.height, task.width):
         return Problem(
@@ -338,7 +348,9 @@ def _write_classification_csv(out: Path, kept: dict[str, tuple[ImageRecord, ...]
     writer.writerow(["image_id", "study_id", "split", "abnormal", "path"])
     for name in CACHE_SPLITS:
         for record in kept[name]:
-            writer.writerow([record.image_id, record.study_id, name, int(record.abnormal), f"images/{name}/{record.image_id}.png"])
+            writer.writerow(
+                [record.image_id, record.study_id, name, int(record.abnormal), f"images/{name}/{record.image_id}.png"]
+            )
     return write_text_atomic(out / "classification.csv", buffer.getvalue())
 
 

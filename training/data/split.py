@@ -30,9 +30,9 @@ The result depends only on the records (not their order), ``val_fraction`` and `
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from operator import attrgetter
-from typing import Sequence
 
 import numpy as np
 

@@ -379,7 +379,7 @@ def _region_extras(
         soft.append(poly("soft", np.array([[0, y_bot + 0.02], [cols_u, y_bot + 0.02], [cols_u, 1.2], [0, 1.2]]), 0.12))
     elif spec.region == "thoracic":
         for v in vertebrae:
-            for s in ((-1, 1) if not lateral else (-1,)):
+            for s in (-1, 1) if not lateral else (-1,):
                 start = v.to_image(np.array([[s * 1.6 * v.half_w, -0.1 * v.size]]))[0]
                 t = np.linspace(0.0, 1.0, 8)
                 reach = 0.35 if not lateral else 0.22

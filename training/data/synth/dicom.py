@@ -12,7 +12,6 @@ import numpy as np
 from spine_edge.dicom_writer import TRANSFER_SYNTAXES, DicomUIDs, build_radiograph_dataset, dicom_bytes
 from spine_edge.training.data.synth.specs import DicomHeader
 
-
 _TRANSFER_SYNTAX_NAMES: dict[str, str] = {uid: name for name, uid in TRANSFER_SYNTAXES.items()}
 
 

@@ -40,7 +40,6 @@ from spine_edge.training.data.synth.specs import (
     SynthConfig,
 )
 
-
 #: P(n boxes = 1, 2, ...) for a class present on an image. The paper counts 6,886 osteophyte boxes
 #: over 8,389 images, so the common classes come several per image.
 INSTANCE_COUNT_PROBABILITIES: dict[str, tuple[float, ...]] = {

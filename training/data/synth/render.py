@@ -13,7 +13,6 @@ from spine_edge.training.data.synth.anatomy import Anatomy, Prim, build_anatomy
 from spine_edge.training.data.synth.scene import build_scene
 from spine_edge.training.data.synth.specs import ImageSpec, LesionBox, Rendering
 
-
 #: Anatomy is drawn at most this many rows high and then resized to the file's size: the
 #: drawing is smooth, and full-resolution noise is added after the resize.
 _WORK_MAX_ROWS = 1024

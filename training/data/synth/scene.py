@@ -27,7 +27,6 @@ from spine_edge.training.data.synth.specs import (
     LesionSpec,
 )
 
-
 _METAL = 2.5
 
 
@@ -156,9 +155,7 @@ def build_scene(anat: Anatomy, spec: ImageSpec, lesions: Sequence[LesionSpec]) -
             bump = centre + toward_body * 0.7 * su * np.array([ca, -sa])
             grow = 0.5 + 0.5 * narrowing.severity
             overgrowth.append(
-                poly(
-                    "cortex", ellipse(bump[0], bump[1], 0.55 * su * grow, 0.5 * sv * grow, angle=-angle), anat.cortex
-                )
+                poly("cortex", ellipse(bump[0], bump[1], 0.55 * su * grow, 0.5 * sv * grow, angle=-angle), anat.cortex)
             )
         prims.append(poly("post", ellipse(centre[0], centre[1], su * scale, sv * scale, angle=-angle), 0.0))
 
@@ -249,18 +246,14 @@ def _implant(vertebrae: Sequence[Vertebra], les: LesionSpec, lateral: bool) -> l
             screw = np.array([[-2.0 * a, -0.12 * h + tilt], [0.5 * a, 0.02 * h]])
             heads[-1].append(v.to_image(screw[:1])[0])
             prims.append(poly("metal", v.to_image(screw), _METAL, thickness=0.085 * h))
-            prims.append(
-                poly("metal", v.to_image(ellipse(-2.0 * a, -0.12 * h + tilt, 0.1 * h, 0.1 * h, n=12)), _METAL)
-            )
+            prims.append(poly("metal", v.to_image(ellipse(-2.0 * a, -0.12 * h + tilt, 0.1 * h, 0.1 * h, n=12)), _METAL))
         else:
             for s in (-1, 1):
                 screw = np.array([[s * 1.05 * a, -0.2 * h + tilt], [s * 0.15 * a, 0.02 * h]])
                 heads[s].append(v.to_image(screw[:1])[0])
                 prims.append(poly("metal", v.to_image(screw), _METAL, thickness=0.08 * h))
                 prims.append(
-                    poly(
-                        "metal", v.to_image(ellipse(s * 1.05 * a, -0.2 * h + tilt, 0.11 * h, 0.09 * h, n=12)), _METAL
-                    )
+                    poly("metal", v.to_image(ellipse(s * 1.05 * a, -0.2 * h + tilt, 0.11 * h, 0.09 * h, n=12)), _METAL)
                 )
     rod_width = 0.06 * vertebrae[les.level].size
     for pts in heads.values():

@@ -12,7 +12,6 @@ import numpy as np
 
 from spine_edge.errors import DatasetError
 
-
 OSTEOPHYTES = "Osteophytes"
 SURGICAL_IMPLANT = "Surgical implant"
 SPONDYLOLYSTHESIS = "Spondylolysthesis"
