@@ -56,8 +56,14 @@ class GraphFlops:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
-        return {"macs": self.macs, "flops": self.flops, "gflops": self.gflops, "by_op": dict(self.by_op),
-                "nodes": self.nodes, "uncounted": list(self.uncounted)}
+        return {
+            "macs": self.macs,
+            "flops": self.flops,
+            "gflops": self.gflops,
+            "by_op": dict(self.by_op),
+            "nodes": self.nodes,
+            "uncounted": list(self.uncounted),
+        }
 
 
 def _fix_dynamic_dims(model: Any, batch: int) -> None:

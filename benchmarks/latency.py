@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import cycle, islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,10 @@ from spine_edge.backends import Backend
 from spine_edge.cascade import Cascade
 from spine_edge.errors import BackendError
 from spine_edge.results import StageLatency
+
+if TYPE_CHECKING:
+    # typing.Self is 3.11+; this project supports 3.10, and the annotation is never evaluated at run time.
+    from typing_extensions import Self
 
 #: Per-image stages of the cascade, in pipeline order, then the wall time of the whole call.
 STAGES: tuple[str, ...] = ("read", "preprocess", "classifier", "detector", "postprocess")
@@ -154,7 +158,10 @@ def _gpu_used_mb() -> float | None:
     try:
         out = subprocess.run(
             [smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout
         return float(out.strip().splitlines()[0])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -179,7 +186,7 @@ class GpuMemoryMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> GpuMemoryMonitor:
+    def __enter__(self) -> Self:
         self._start = _gpu_used_mb()
         if self._start is not None:
             self.peak_mb = 0.0
@@ -219,8 +226,11 @@ class Resources:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
-        return {"peak_rss_mb": round(self.peak_rss_mb, 1), "rss_reset": self.rss_reset,
-                "gpu_peak_mb": None if self.gpu_peak_mb is None else round(self.gpu_peak_mb, 1)}
+        return {
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "rss_reset": self.rss_reset,
+            "gpu_peak_mb": None if self.gpu_peak_mb is None else round(self.gpu_peak_mb, 1),
+        }
 
 
 class ResourceMeter:
@@ -235,7 +245,7 @@ class ResourceMeter:
         self._reset = False
         self.resources: Resources | None = None
 
-    def __enter__(self) -> ResourceMeter:
+    def __enter__(self) -> Self:
         self._reset = reset_peak_rss()
         if self._gpu is not None:
             self._gpu.__enter__()
@@ -369,9 +379,13 @@ class Throughput:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
-        return {"batch_size": self.batch_size, "images": self.images, "seconds": round(self.seconds, 4),
-                "images_per_second": round(self.images_per_second, 3),
-                "resources": None if self.resources is None else self.resources.to_dict()}
+        return {
+            "batch_size": self.batch_size,
+            "images": self.images,
+            "seconds": round(self.seconds, 4),
+            "images_per_second": round(self.images_per_second, 3),
+            "resources": None if self.resources is None else self.resources.to_dict(),
+        }
 
 
 def measure_throughput(
@@ -423,8 +437,12 @@ class ModelTiming:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
-        return {"batch_size": self.batch_size, "per_call": self.per_call.to_dict(),
-                "per_image": self.per_image.to_dict(), "images_per_second": round(self.images_per_second, 3)}
+        return {
+            "batch_size": self.batch_size,
+            "per_call": self.per_call.to_dict(),
+            "per_image": self.per_image.to_dict(),
+            "images_per_second": round(self.images_per_second, 3),
+        }
 
 
 def time_model(

@@ -55,8 +55,11 @@ def write_synthetic_radiographs(
     for i in range(count):
         rows, cols = REAL_SIZES[i % len(REAL_SIZES)]
         dataset = build_radiograph_dataset(
-            synthetic_pixels(rows, cols, i, rng), photometric="MONOCHROME2", bits_stored=BITS_STORED,
-            window=(2048, 4096), transfer_syntax="jpeg2000-lossless",
+            synthetic_pixels(rows, cols, i, rng),
+            photometric="MONOCHROME2",
+            bits_stored=BITS_STORED,
+            window=(2048, 4096),
+            transfer_syntax="jpeg2000-lossless",
             pixel_spacing=(0.14, 0.14),
         )  # the window spans the 12-bit range
         paths.append(write_dicom(folder / f"synthetic_{i:02d}.dicom", dataset))

@@ -14,14 +14,17 @@ import re
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from spine_edge.export.bundle_writer import trace_to_onnx
 from spine_edge.errors import SpineEdgeError
+from spine_edge.export.bundle_writer import trace_to_onnx
+
+if TYPE_CHECKING:
+    from ultralytics.nn.tasks import DetectionModel
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "yolo_raw"
@@ -57,7 +60,7 @@ class DetectorExportModule(nn.Module):
         return self.model(x)
 
 
-def load_detector(checkpoint: Path) -> tuple[nn.Module, DetectorSource]:
+def load_detector(checkpoint: Path) -> tuple[DetectionModel, DetectorSource]:
     """Load an ultralytics checkpoint as an FP32 eval-mode DetectionModel.
 
     Raises:
@@ -78,15 +81,18 @@ def load_detector(checkpoint: Path) -> tuple[nn.Module, DetectorSource]:
         raise SpineEdgeError(f"{checkpoint}: holds a {type(model).__name__}, not a YOLO detection model")
     names = model.names
     class_names = tuple(names[i] for i in sorted(names)) if isinstance(names, dict) else tuple(names)
+    # The model YAML dict is set at runtime by ultralytics' _initialize_yolo_model, which mypy cannot see,
+    # so nn.Module.__getattr__ types it Tensor | Module.
+    config = cast(dict[str, Any], model.yaml)
     source = DetectorSource(
         class_names=class_names,
-        in_channels=int(model.yaml.get("channels", 3)),
+        in_channels=int(config.get("channels", 3)),
         stride=int(max(model.stride.tolist())),
     )
     return model, source
 
 
-def prepare_for_export(model: nn.Module) -> nn.Module:
+def prepare_for_export(model: DetectionModel) -> nn.Module:
     """A copy configured the way ultralytics' own ONNX exporter configures it (8.4.190, ``Exporter.__call__``).
 
     Conv+BN fused, Detect head in export mode returning only the decoded tensor, boxes as ``xywh``,
@@ -103,11 +109,11 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
         if isinstance(m, Detect):
             m.dynamic = False
             m.export = True
-            m.format = "onnx"
+            m.format = "onnx"  # type: ignore[assignment]  # ultralytics declares `format = None` unannotated; it holds the export format name
             m.xyxy = False
             m.shape = None
         elif isinstance(m, C2f):
-            m.forward = m.forward_split
+            m.forward = m.forward_split  # type: ignore[method-assign]  # ultralytics' own exporter swaps the method per instance
     return model
 
 
@@ -170,7 +176,9 @@ def detect_scope(model: Any) -> str:
     """
     indices = [int(m.group(1)) for n in model.graph.node if (m := re.match(r"/model/model\.(\d+)/", n.name))]
     if not indices:
-        raise SpineEdgeError("detector graph has no /model/model.<k>/ node scopes: it was not written by spine-edge export")
+        raise SpineEdgeError(
+            "detector graph has no /model/model.<k>/ node scopes: it was not written by spine-edge export"
+        )
     return f"/model/model.{max(indices)}/"
 
 

@@ -28,7 +28,7 @@ class Letterbox:
 
     def boxes_to_source(self, boxes: np.ndarray) -> np.ndarray:
         """Map ``[K, 4]`` xyxy boxes from canvas pixels back to original pixels (clipped)."""
-        out = np.asarray(boxes, dtype=np.float32).copy()
+        out: np.ndarray = np.asarray(boxes, dtype=np.float32).copy()
         if out.size == 0:
             return out.reshape(0, 4)
         out[:, [0, 2]] = (out[:, [0, 2]] - self.pad_x) / self.scale
@@ -40,7 +40,7 @@ class Letterbox:
 
     def boxes_to_canvas(self, boxes: np.ndarray) -> np.ndarray:
         """Map ``[K, 4]`` xyxy boxes from original pixels into canvas pixels."""
-        out = np.asarray(boxes, dtype=np.float32).copy().reshape(-1, 4)
+        out: np.ndarray = np.asarray(boxes, dtype=np.float32).copy().reshape(-1, 4)
         out[:, [0, 2]] = out[:, [0, 2]] * self.scale + self.pad_x
         out[:, [1, 3]] = out[:, [1, 3]] * self.scale + self.pad_y
         return out

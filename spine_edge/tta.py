@@ -77,4 +77,5 @@ def sampling_grid(
     ys = (2.0 * np.arange(height) + 1.0) / height - 1.0
     gx, gy = np.meshgrid(xs, ys)
     base = np.stack([gx, gy, np.ones_like(gx)], axis=-1)  # [H, W, 3]
-    return (base @ t.T).astype(np.float32)  # [H, W, 2]
+    grid: np.ndarray = (base @ t.T).astype(np.float32)  # [H, W, 2]
+    return grid

@@ -531,7 +531,8 @@ def _clip_boxes(
                     f"({cx0:g}, {cy0:g}, {cx1:g}, {cy1:g})",
                 )
             )
-        key = (raw.class_id, *(round(v, _DUPLICATE_DECIMALS) for v in (cx0, cy0, cx1, cy1)))
+        d = _DUPLICATE_DECIMALS
+        key = (raw.class_id, round(cx0, d), round(cy0, d), round(cx1, d), round(cy1, d))
         if key in seen:
             problems.append(
                 Problem(

@@ -23,7 +23,7 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import cv2
 import numpy as np
@@ -41,6 +41,9 @@ from ultralytics.utils.loss import v8DetectionLoss
 from ultralytics.utils.torch_utils import unwrap_model
 
 from spine_edge.errors import SpineEdgeError
+
+if TYPE_CHECKING:
+    from ultralytics.nn.tasks import DetectionModel
 
 #: A pasted lesion may cover at most this share of any box already in the image (or of itself):
 #: measured against the smaller box rather than as IoU, so that a large paste cannot bury a
@@ -105,7 +108,9 @@ class FocalDetectionLoss(v8DetectionLoss):
 
     def __init__(self, model: nn.Module, gamma: float, alpha: float) -> None:
         super().__init__(model)
-        self.bce = FocalBCE(gamma, alpha)
+        # v8DetectionLoss's attribute is inferred as the BCEWithLogitsLoss it builds; it only calls it as
+        # bce(logits, target) -> per-element loss, which FocalBCE provides.
+        self.bce = FocalBCE(gamma, alpha)  # type: ignore[assignment]  # drop-in replacement, see above
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,6 +239,17 @@ def build_lesion_bank(
     return LesionBank(tuple(crops), tuple(classes))
 
 
+_T = TypeVar("_T")
+
+
+class PasteRandom(Protocol):
+    """What :func:`paste_lesions` draws with: a ``random.Random`` or the ``random`` module itself."""
+
+    def randint(self, a: int, b: int, /) -> int: ...
+
+    def choice(self, seq: Sequence[_T], /) -> _T: ...
+
+
 def _overlap_of_smaller(box: np.ndarray, others: np.ndarray) -> float:
     """Largest intersection of ``box`` with any of ``others`` (xyxy), over the smaller box's area."""
     if others.size == 0:
@@ -249,7 +265,7 @@ def paste_lesions(
     image: np.ndarray,
     boxes_xywhn: np.ndarray,
     bank: LesionBank,
-    rng: random.Random,
+    rng: PasteRandom,
     max_overlap: float = PASTE_MAX_OVERLAP,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Paste 1–2 lesion crops at random free positions.
@@ -321,8 +337,11 @@ class RareLesionPasteDataset(YOLODataset):
     def __init__(self, *args: Any, rare_class_ids: Sequence[int], paste_p: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.paste_p = float(paste_p)
+        # A training set's imgsz is the trainer's int; a (h, w) pair is scaled to its long side, as
+        # ultralytics' BaseDataset.load_image does.
+        imgsz = self.imgsz if isinstance(self.imgsz, int) else max(self.imgsz)
         self.lesion_bank = (
-            build_lesion_bank(self.im_files, self.labels, rare_class_ids, self.imgsz, self.cv2_flag)
+            build_lesion_bank(self.im_files, self.labels, rare_class_ids, imgsz, self.cv2_flag)
             if self.augment and self.paste_p > 0
             else LesionBank((), ())
         )
@@ -403,12 +422,18 @@ class SpineDetectionTrainer(DetectionTrainer):
                 f"detector training runs on one device, got device={self.args.device!r}: pass a single GPU"
             )
 
+    def _detection_model(self) -> DetectionModel:
+        """The de-parallelised model being trained."""
+        # BaseTrainer types self.model as the checkpoint path (str | Path) it starts as; setup_model() replaces it
+        # with the DetectionModel (get_model) before any hook below runs.
+        return cast("DetectionModel", unwrap_model(cast(nn.Module, self.model)))
+
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None) -> YOLODataset:
         """The training set gets :class:`RareLesionPasteDataset`; validation stays stock."""
         if mode != "train":
             return super().build_dataset(img_path, mode, batch)
         args = self.args
-        stride = max(int(unwrap_model(self.model).stride.max()), 32)
+        stride = max(int(self._detection_model().stride.max()), 32)
         # The same arguments ultralytics' build_yolo_dataset passes for a training set.
         return RareLesionPasteDataset(
             img_path=img_path,
@@ -440,7 +465,7 @@ class SpineDetectionTrainer(DetectionTrainer):
         weights = image_sampling_weights([lb["cls"] for lb in dataset.labels], int(self.data["nc"]))
         generator = torch.Generator().manual_seed(self.extensions.seed)
         sampler = WeightedRandomSampler(
-            torch.as_tensor(weights, dtype=torch.double),
+            weights.tolist(),  # the sampler makes its own float64 tensor of them
             num_samples=len(dataset),
             replacement=True,
             generator=generator,
@@ -470,8 +495,10 @@ class SpineDetectionTrainer(DetectionTrainer):
         class weights set, which the criterion reads when it is built.
         """
         super().set_class_weights()
-        model = unwrap_model(self.model)
-        if getattr(model.model[-1], "one2one_cv2", None) is not None:
+        model = self._detection_model()
+        # ultralytics builds the layers as an nn.Sequential at runtime; nn.Module.__getattr__ types them Tensor | Module.
+        head = cast(nn.Sequential, model.model)[-1]
+        if getattr(head, "one2one_cv2", None) is not None:
             raise SpineEdgeError(
                 f"{self.args.model}: end-to-end detection heads (YOLO26-style) are not supported by the focal "
                 "loss; use a YOLO11 model YAML such as yolo11n.yaml"

@@ -46,7 +46,12 @@ def write_toy_vindr(root: Path, n_images: int = 12, seed: int = 0) -> Path:
                 y0, x0 = r * CELL, c * CELL
                 image[y0 : y0 + CELL, x0 : x0 + CELL] = rng.uniform(200, 250)
                 margin = int(rng.integers(0, 12))
-                box = (max(0, x0 - margin), max(0, y0 - margin), min(SIZE, x0 + CELL + margin), min(SIZE, y0 + CELL + margin))
+                box = (
+                    max(0, x0 - margin),
+                    max(0, y0 - margin),
+                    min(SIZE, x0 + CELL + margin),
+                    min(SIZE, y0 + CELL + margin),
+                )
                 rows.append({**base, "lesion_type": CLASS_NAMES[0], **dict(zip(("xmin", "ymin", "xmax", "ymax"), box))})
             if i % 4 == 3:  # a lesion the detector cannot see (dark, another class)
                 rows.append({**base, "lesion_type": CLASS_NAMES[4], "xmin": 2, "ymin": 2, "xmax": 20, "ymax": 20})

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spine_edge.backends.onnxruntime import OnnxRuntimeBackend
 from spine_edge.benchmarks.latency import (
     ResourceMeter,
     cycle_to,
@@ -15,7 +16,6 @@ from spine_edge.benchmarks.latency import (
     summarize_latency,
     time_model,
 )
-from spine_edge.backends.onnxruntime import OnnxRuntimeBackend
 from spine_edge.results import StageLatency
 from tests.spine_edge.bundle_factory import make_bundle
 

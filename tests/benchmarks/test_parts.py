@@ -22,8 +22,19 @@ def test_cli_options_default_to_the_config_dataclasses() -> None:
     with bench.make_context("bench", []) as ctx:
         params = ctx.params
     defaults = BenchConfig()
-    for name in ("data", "precisions", "batch_sizes", "runs", "warmup", "max_images", "baseline", "checkpoints",
-                 "budget_ms", "stage_budgets", "save_predictions"):
+    for name in (
+        "data",
+        "precisions",
+        "batch_sizes",
+        "runs",
+        "warmup",
+        "max_images",
+        "baseline",
+        "checkpoints",
+        "budget_ms",
+        "stage_budgets",
+        "save_predictions",
+    ):
         assert params[name] == getattr(defaults, name), name
     for name in ("bundle", "backend", "provider", "threads"):
         assert params[name] == getattr(defaults.cascade, name), name
@@ -50,8 +61,9 @@ def test_synthetic_radiographs_are_12_bit_jpeg2000_at_real_sizes(tmp_path: Path)
     assert image.image.shape == REAL_SIZES[0] and image.image.std() > 1 and calls == [1]
 
 
-@pytest.mark.parametrize("bad", [{"runs": 0}, {"batch_sizes": ()}, {"precisions": ("fp8",)},
-                                 {"stage_budgets": (("decode", 1.0),)}])
+@pytest.mark.parametrize(
+    "bad", [{"runs": 0}, {"batch_sizes": ()}, {"precisions": ("fp8",)}, {"stage_budgets": (("decode", 1.0),)}]
+)
 def test_bench_config_refuses_bad_values(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         BenchConfig(**bad)  # type: ignore[arg-type]

@@ -47,16 +47,26 @@ def _bench(tmp_path: Path, blocked: tuple[str, ...], *args: str | Path) -> subpr
 def test_without_torch_the_baseline_is_skipped_with_a_note(tmp_path: Path, good_bundle: Path, toy_vindr: Path) -> None:
     checkpoints = tmp_path / "ckpt"
     checkpoints.mkdir()
-    done = _bench(tmp_path, ("torch", "torchvision", "timm", "ultralytics"), "--bundle", good_bundle,
-                  "--data", toy_vindr, "--checkpoints", checkpoints, *FAST)
+    done = _bench(
+        tmp_path,
+        ("torch", "torchvision", "timm", "ultralytics"),
+        "--bundle",
+        good_bundle,
+        "--data",
+        toy_vindr,
+        "--checkpoints",
+        checkpoints,
+        *FAST,
+    )
     assert done.returncode == EXIT_OK, done.stderr
     assert "- baseline: skipped (The PyTorch baseline needs the Python package 'torch'" in done.stdout
     assert "| PyTorch eager |" not in done.stdout and "Result: PASSED" in done.stdout
 
 
 @pytest.mark.parametrize("missing", ["sklearn", "pycocotools"])
-def test_accuracy_without_the_bench_extra_is_a_setup_error(tmp_path: Path, good_bundle: Path, toy_vindr: Path,
-                                                            missing: str) -> None:
+def test_accuracy_without_the_bench_extra_is_a_setup_error(
+    tmp_path: Path, good_bundle: Path, toy_vindr: Path, missing: str
+) -> None:
     done = _bench(tmp_path, (missing,), "--bundle", good_bundle, "--data", toy_vindr, *FAST)
     assert done.returncode == EXIT_SETUP
     assert "pip install 'spine-edge[bench]'" in done.stderr and done.stderr.count("\n") == 1
