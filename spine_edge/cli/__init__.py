@@ -27,6 +27,11 @@ EXIT_SOME_INPUTS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SETUP = 3
 EXIT_GATE_FAILED = 4
+#: The output disk filled up (ENOSPC/EDQUOT): the run stopped, every finished result kept.
+EXIT_DISK_FULL = 5
+#: Every input was processed, none failed, but the guard refused some (wrong modality, colour photo,
+#: out of distribution): they are in the results as ``refused``, not judged.
+EXIT_SOME_REFUSED = 6
 #: 128 + SIGINT: Ctrl-C, in every command (click alone would exit 1, which means "some inputs failed").
 EXIT_INTERRUPTED = 130
 #: 128 + SIGTERM: systemd's or ``docker stop``'s stop request, handled like Ctrl-C (finished results
@@ -101,9 +106,9 @@ def fail(exc: SpineEdgeError, code: int = EXIT_SETUP) -> None:
 
 
 def _register() -> None:
-    from spine_edge.cli import bench, build, data, infer
+    from spine_edge.cli import bench, build, data, infer, listen, serve, train, watch
+    from spine_edge.cli import explain as explain_cmd
     from spine_edge.cli import export as export_cmd
-    from spine_edge.cli import train
 
     main.add_command(data.data)
     main.add_command(build.build_engines)
@@ -111,6 +116,10 @@ def _register() -> None:
     main.add_command(bench.bench)
     main.add_command(export_cmd.export)
     main.add_command(train.train)
+    main.add_command(listen.listen)
+    main.add_command(serve.serve)
+    main.add_command(watch.watch)
+    main.add_command(explain_cmd.explain)
 
 
 _register()
