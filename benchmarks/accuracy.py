@@ -39,6 +39,7 @@ from spine_edge.errors import ImageReadError
 from spine_edge.imageio import read_image
 from spine_edge.io_utils import write_text_atomic
 from spine_edge.metrics import (
+    ACCURACY_GATES,
     ClassificationMetrics,
     DetectionMetrics,
     ImageBoxes,
@@ -51,6 +52,7 @@ from spine_edge.metrics import (
 )
 from spine_edge.results import CascadeResult
 from spine_edge.support import import_optional, json_safe
+from spine_edge.verdict import BootstrapSettings, RoleVerdict, judge_classifier, judge_detector
 from spine_edge.vindr import ImageRecord
 
 GROUND_TRUTH_FILE = "ground_truth.json"
@@ -247,6 +249,10 @@ class PrecisionAccuracy:
         flips: Images whose gate decision differs from the reference's.
         max_abs_dprob: Largest ``|prob - prob_ref|``.
         positives: Images at or above τ.
+        classifier_verdict: Fidelity, ΔAUROC with its paired bootstrap interval and the verdict
+            (:func:`spine_edge.verdict.judge_classifier`, the rule export applies); None for the reference.
+        detector_verdict: Box agreement with the reference, ΔmAP@0.5 (detector alone) with its interval
+            and the verdict; None for the reference.
     """
 
     label: str
@@ -260,6 +266,8 @@ class PrecisionAccuracy:
     flips: int
     max_abs_dprob: float
     positives: int
+    classifier_verdict: RoleVerdict | None = None
+    detector_verdict: RoleVerdict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (NaN written as null)."""
@@ -275,6 +283,8 @@ class PrecisionAccuracy:
             "flips": self.flips,
             "max_abs_dprob": self.max_abs_dprob,
             "positives": self.positives,
+            "classifier_verdict": None if self.classifier_verdict is None else self.classifier_verdict.to_dict(),
+            "detector_verdict": None if self.detector_verdict is None else self.detector_verdict.to_dict(),
         })
 
 
@@ -291,8 +301,9 @@ def evaluate_accuracy(
     reference: str,
     threshold: float,
     class_names: Sequence[str],
+    bootstrap: BootstrapSettings | None = None,
 ) -> dict[str, PrecisionAccuracy]:
-    """Metrics of every precision and their deltas against ``reference``, on the same images.
+    """Metrics of every precision, their deltas against ``reference`` and their verdicts, on the same images.
 
     Args:
         truth: Ground truth, restricted to the images every precision processed.
@@ -300,6 +311,10 @@ def evaluate_accuracy(
         reference: Label of the FP32 reference in ``predictions``.
         threshold: Gate τ.
         class_names: Detector class names.
+        bootstrap: The paired bootstrap of the verdicts' intervals (default: 1000 resamples, seed 0).
+
+    A label's gates are those of its precision (``int8-trt`` → ``int8``); a label without gates
+    (the reference) gets no verdict.
     """
     results: dict[str, tuple[ClassificationMetrics, DetectionMetrics, DetectionMetrics]] = {}
     for label, pred in predictions.items():
@@ -325,8 +340,31 @@ def evaluate_accuracy(
             flips=count_flips(ref_probs, probs, threshold),
             max_abs_dprob=float(np.abs(probs - ref_probs).max()) if len(probs) else math.nan,
             positives=int((probs >= threshold).sum()),
+            **_verdicts(label, reference, truth, predictions, threshold, bootstrap),
         )
     return out
+
+
+def _verdicts(
+    label: str,
+    reference: str,
+    truth: TruthSet,
+    predictions: Mapping[str, Predictions],
+    threshold: float,
+    bootstrap: BootstrapSettings | None,
+) -> dict[str, RoleVerdict]:
+    """Both roles' verdicts of ``label`` against the reference (none for the reference or an ungated label)."""
+    precision = label.split("-")[0]
+    if label == reference or precision not in ACCURACY_GATES:
+        return {}
+    ref, cand = predictions[reference], predictions[label]
+    return {
+        "classifier_verdict": judge_classifier(
+            precision, truth.labels, ref.probs, cand.probs, threshold, settings=bootstrap
+        ),
+        # Bench's boxes are the deployed ones (the bundle's confidence already applied), so all count.
+        "detector_verdict": judge_detector(precision, truth.boxes, ref.detections, cand.detections, settings=bootstrap),
+    }
 
 
 # ------------------------------------------------------------------------------------------ files

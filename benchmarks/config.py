@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spine_edge.backends import select_model
+from spine_edge.backends import GraphTarget, select_model
 from spine_edge.backends.onnxruntime import ProviderChoice
 from spine_edge.benchmarks.latency import END_TO_END, STAGES
 from spine_edge.bundle import Manifest
@@ -27,6 +27,8 @@ from spine_edge.errors import BundleError
 REFERENCE = "fp32"
 #: Precisions a bundle may hold, in report order.
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+#: Label of the TensorRT INT8 Q/DQ graphs when bench also evaluates them on ONNX Runtime (export's variant name).
+TENSORRT_INT8 = "int8-trt"
 #: Stages a per-stage budget may name.
 BUDGET_STAGES: tuple[str, ...] = (*STAGES, END_TO_END)
 
@@ -97,7 +99,9 @@ class BenchPlan:
     Attributes:
         backend: The library every benchmarked precision runs on (``onnxruntime`` or ``tensorrt``).
         latency: Precisions whose latency is measured.
-        accuracy: ``(precision, backend, provider)`` of each cascade of the accuracy phase, reference first.
+        accuracy: ``(label, backend, provider)`` of each cascade of the accuracy phase, reference first;
+            a label is a precision, or ``int8-trt`` for the TensorRT INT8 graphs run on ONNX Runtime
+            (:func:`accuracy_cascade`).
     """
 
     backend: str
@@ -139,4 +143,20 @@ def plan_precisions(manifest: Manifest, config: BenchConfig) -> BenchPlan:
         else:
             raise BundleError(f"{cascade.bundle_dir}: no FP32 graphs to compare with; re-export the bundle")
         accuracy += [(p, backend, cascade.provider) for p in wanted if p != REFERENCE]
+        if "int8" in wanted and backend == "onnxruntime" and _has_tensorrt_int8(manifest, cascade.provider):
+            # The TensorRT Q/DQ graphs run on ONNX Runtime too: their accuracy is measured on the test
+            # split here, before a GPU box ever builds an engine from them.
+            accuracy.append((TENSORRT_INT8, backend, cascade.provider))
     return BenchPlan(backend, tuple(wanted), tuple(accuracy))
+
+
+def _has_tensorrt_int8(manifest: Manifest, provider: ProviderChoice | None) -> bool:
+    """Whether the bundle has TensorRT INT8 graphs for both roles that ONNX Runtime would not load by itself here."""
+    own = select_model(manifest, "classifier", "int8", "onnxruntime", provider).entry.target
+    both = all(manifest.find(role, "int8", "onnx", target="tensorrt") is not None for role in ("classifier", "detector"))
+    return both and own != "tensorrt"
+
+
+def accuracy_cascade(label: str) -> tuple[str, GraphTarget | None]:
+    """The precision and graph target a label of :attr:`BenchPlan.accuracy` runs (``int8-trt`` → int8, tensorrt)."""
+    return ("int8", "tensorrt") if label == TENSORRT_INT8 else (label, None)

@@ -18,7 +18,7 @@ from spine_edge.benchmarks.accuracy import PrecisionAccuracy, PrecisionRecall
 from spine_edge.benchmarks.baseline_torch import BaselineTiming
 from spine_edge.benchmarks.config import REFERENCE, BenchConfig
 from spine_edge.benchmarks.latency import END_TO_END, CascadeTiming, ModelTimings, Resources, Throughput
-from spine_edge.metrics import ACCURACY_GATES
+from spine_edge.verdict import RoleVerdict
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,17 @@ class GateResult:
     """One pass/fail criterion.
 
     Attributes:
-        name: What is checked, e.g. ``int8 |ΔAUROC| vs fp32``.
-        precision: The precision concerned.
+        name: What is checked, e.g. ``int8 ΔAUROC vs fp32``.
+        precision: The precision concerned (the bench label: ``fp16``, ``int8``, ``int8-trt``).
         measured: The value (points for accuracy deltas, ms for latency).
-        limit: The bound: ``|measured| ≤ limit`` for deltas, ``measured ≤ limit`` for latency.
+        limit: The bound: ``measured ≥ −limit`` for accuracy deltas (a gain never fails), ``measured ≤ limit``
+            for latency.
         unit: ``pt`` or ``ms``.
-        passed: True/False, or None when the value could not be measured (not a failure).
+        passed: True/False, or None when it could not be decided (not a failure): the value was not
+            measurable, or the accuracy verdict is ``inconclusive``.
+        verdict: The accuracy verdict (``hold`` / ``fail`` / ``inconclusive``, :mod:`spine_edge.verdict`);
+            empty for latency budgets.
+        detail: The verdict's interval, fidelity and notes, one line.
     """
 
     name: str
@@ -40,27 +45,29 @@ class GateResult:
     limit: float
     unit: str
     passed: bool | None
+    verdict: str = ""
+    detail: str = ""
 
     @property
     def excess(self) -> float:
-        """How far past the limit (≤ 0 when within)."""
-        value = abs(self.measured) if self.unit == "pt" else self.measured
-        return value - self.limit
+        """How far a latency is past its budget (≤ 0 when within); accuracy gates report their verdict instead."""
+        return self.measured - self.limit
 
     def message(self) -> str:
-        """One line: the gate, its value, its limit and by how much it failed."""
+        """One line: the gate, its value, its limit and its outcome."""
+        if self.verdict:
+            return f"{self.name}: {self.verdict.upper()}: {self.detail}"
         if self.passed is None:
             return f"{self.name}: not measurable (limit {self.limit:g} {self.unit})"
-        bound = f"±{self.limit:g}" if self.unit == "pt" else f"≤ {self.limit:g}"
-        sign = "+" if self.unit == "pt" else ""
-        value = f"{self.measured:{sign}.2f} {self.unit} (limit {bound} {self.unit})"
+        value = f"{self.measured:.2f} {self.unit} (limit ≤ {self.limit:g} {self.unit})"
         return f"{self.name}: {value} " + ("ok" if self.passed else f"FAILED by {self.excess:.2f} {self.unit}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
         return {"name": self.name, "precision": self.precision,
                 "measured": self.measured if math.isfinite(self.measured) else None,
-                "limit": self.limit, "unit": self.unit, "passed": self.passed, "message": self.message()}
+                "limit": self.limit, "unit": self.unit, "passed": self.passed, "verdict": self.verdict or None,
+                "message": self.message()}
 
 
 @dataclass(frozen=True)
@@ -160,8 +167,13 @@ class BenchReport:
 
     @property
     def passed(self) -> bool:
-        """No gate failed."""
+        """No gate failed (an ``inconclusive`` accuracy verdict is not a failure)."""
         return not self.failed_gates
+
+    @property
+    def inconclusive_gates(self) -> tuple[GateResult, ...]:
+        """Accuracy gates whose verdict is ``inconclusive`` (bench warns, exit status 0)."""
+        return tuple(g for g in self.gates if g.verdict == "inconclusive")
 
     def precision(self, label: str) -> PrecisionBench | None:
         """The entry of a precision, or None."""
@@ -188,18 +200,28 @@ class BenchReport:
         }
 
 
+#: How a verdict maps onto a gate's pass flag: ``inconclusive`` is undecided, not a failure (exit 0 with a warning).
+_PASSED: dict[str, bool | None] = {"hold": True, "fail": False, "inconclusive": None}
+
+
+def verdict_gates(label: str, classifier: RoleVerdict | None, detector: RoleVerdict | None) -> list[GateResult]:
+    """The accuracy gates of one precision: one per role, each carrying that role's verdict."""
+    gates = []
+    for name, verdict in (("ΔAUROC", classifier), ("ΔmAP@0.5 (detector)", detector)):
+        if verdict is not None:
+            task = verdict.task
+            gates.append(GateResult(f"{label} {name} vs {REFERENCE}", label, task.delta_pt, task.gate_pt, "pt",
+                                    _PASSED[verdict.verdict], verdict.verdict, verdict.describe()))
+    return gates
+
+
 def check_gates(precisions: Sequence[PrecisionBench], config: BenchConfig) -> tuple[GateResult, ...]:
-    """DESIGN.md's accuracy holds for every lower precision, and the optional latency budgets."""
+    """Every lower precision's accuracy verdict (:mod:`spine_edge.verdict`, export's rule too) and the latency budgets."""
     gates = []
     for bench in precisions:
         acc = bench.accuracy
-        gate = ACCURACY_GATES.get(bench.label)
-        if acc is not None and gate is not None:
-            for name, delta, limit, holds in (
-                ("|ΔAUROC|", acc.delta_auroc_pt, gate.auroc_pt, gate.auroc_holds(acc.delta_auroc_pt)),
-                ("|ΔmAP@0.5| (detector)", acc.delta_map50_pt, gate.map50_pt, gate.map50_holds(acc.delta_map50_pt)),
-            ):
-                gates.append(GateResult(f"{bench.label} {name} vs {REFERENCE}", bench.label, delta, limit, "pt", holds))
+        if acc is not None:
+            gates += verdict_gates(bench.label, acc.classifier_verdict, acc.detector_verdict)
         if bench.latency is None:
             continue
         end_to_end = [(END_TO_END, config.budget_ms)] if config.budget_ms is not None else []
@@ -211,5 +233,3 @@ def check_gates(precisions: Sequence[PrecisionBench], config: BenchConfig) -> tu
             name = f"{bench.label} {stage.replace('_', '-')} p95"
             gates.append(GateResult(name, bench.label, measured, limit, "ms", passed))
     return tuple(gates)
-
-

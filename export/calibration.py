@@ -1,13 +1,15 @@
 """INT8 calibration: which images, read how, and the activation ranges of each FP32 graph.
 
-The images are chosen once (:func:`~spine_edge.export.precision.select_calibration_images`) and
-read through the runtime's own reader and letterbox for both graphs; :func:`calibrate_graphs`
+The images are chosen once (:func:`~spine_edge.export.precision.select_calibration_images`: a few
+hundred train images by default, every class present, rare ones first) and read through the
+runtime's own reader and letterbox for both graphs; :func:`calibrate_graphs`
 returns the ranges and the summary the manifest records, as one frozen :class:`CalibrationSet`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ class CalibrationSet:
         method: ``minmax`` or ``percentile``.
         classifier: Ranges of the classifier graph.
         detector: Ranges of the detector graph.
+        classes: Images containing each class (``normal``: images without a box), by class name.
     """
 
     images: tuple[Path, ...]
@@ -39,6 +42,7 @@ class CalibrationSet:
     method: prec.CalibrationMethodName
     classifier: prec.CalibrationResult
     detector: prec.CalibrationResult
+    classes: dict[str, int]
 
     def summary(self) -> dict[str, Any]:
         """What the manifest's ``calibration`` records."""
@@ -47,6 +51,7 @@ class CalibrationSet:
             "source": str(self.source.resolve()),
             "splits": sorted({p.parent.name for p in self.images}),
             "method": self.method,
+            "classes": dict(self.classes),
             "reader": READER,
             "quantiser": QUANTISER,
             "classifier": self.classifier.to_dict(),
@@ -78,6 +83,7 @@ def calibrate_graphs(
     count: int,
     method: prec.CalibrationMethodName,
     workdir: Path,
+    class_names: Sequence[str],
 ) -> CalibrationSet:
     """Choose ``count`` calibration images from a prepared cache and calibrate both FP32 graphs on them.
 
@@ -86,15 +92,21 @@ def calibrate_graphs(
         classifier_size: Its input side.
         detector: The FP32 detector graph.
         detector_size: Its input side.
-        calib_data: Prepared cache (train split first, val tops up).
-        count: Number of images.
+        calib_data: Prepared cache (its train split; val only when it has no train images).
+        count: Number of images (all of the train split when it has fewer).
         method: ``minmax`` or ``percentile``.
         workdir: Folder for the ranges files (temporary: only the Q/DQ graphs need them).
+        class_names: Detector class names, for the per-class counts of the summary.
 
     Raises:
         DatasetError: The cache has no images.
     """
     images = prec.select_calibration_images(calib_data, count)
+    counts = prec.class_counts(calib_data, images)
+    classes = {("normal" if c == prec.NORMAL else class_names[c]): n for c, n in counts.items()}
+    missing = [name for name in class_names if name not in classes]
+    if missing:
+        log.warning("export: no calibration image contains %s: their activation ranges are never seen", missing)
     return CalibrationSet(
         images=images,
         source=Path(calib_data) / "images",
@@ -105,4 +117,5 @@ def calibrate_graphs(
         detector=calibrate_graph(
             detector, images, detector_size, DETECTOR_PAD_VALUE, workdir / "detector.ranges.json", method
         ),
+        classes=classes,
     )

@@ -34,23 +34,26 @@ class ExportConfig:
         calib_data: Prepared cache whose train PNGs calibrate INT8 (default: ``eval_data``).
         eval_data: Prepared cache whose val split the accuracy report uses (default: the one the
             checkpoints record as ``prepared``).
-        calib_images: Number of calibration images.
+        calib_images: Number of calibration images, from the train split (all of it when smaller),
+            every class present. A few hundred, as INT8 detectors are calibrated in the field:
+            activation maxima of a rare class are only seen if one of its images is there.
         calib_method: ``minmax`` (bounded memory, default) or ``percentile`` (99.999, chunked).
         eval_split: Split of ``eval_data`` to evaluate.
-        eval_limit: Evaluate at most this many images (None: all).
+        eval_limit: Evaluate at most this many images (None: all, the default: the verdict's intervals
+            narrow with the number of images).
         detector_input_size: Detector graph input side (default: ``imgsz`` of ``detector.json``).
         batch_size: Batch of the evaluation runs.
         map_conf: Confidence threshold of the mAP evaluation (0.001, as COCO/ultralytics val).
         parity_images: Images compared between PyTorch and the FP32 graphs.
-        max_flip_fraction: Share of evaluation images whose gate decision INT8 may flip before the
-            layer search keeps more of the classifier in FP32 (at least one image is allowed).
+        sensitivity_images: Calibration images on which the INT8 layer search measures each layer's
+            effect on fidelity to FP32.
 
     Raises:
         SpineEdgeError: A precision outside :data:`PRECISIONS`.
 
     Example:
         >>> ExportConfig(Path("runs/ckpt"), Path("runs/bundle"), precisions=("fp32",)).calib_images
-        32
+        300
     """
 
     checkpoints: Path
@@ -58,7 +61,7 @@ class ExportConfig:
     precisions: tuple[str, ...] = PRECISIONS
     calib_data: Path | None = None
     eval_data: Path | None = None
-    calib_images: int = 32
+    calib_images: int = 300
     calib_method: CalibrationMethodName = "minmax"
     eval_split: str = "val"
     eval_limit: int | None = None
@@ -66,7 +69,7 @@ class ExportConfig:
     batch_size: int = 8
     map_conf: float = 0.001
     parity_images: int = 4
-    max_flip_fraction: float = 0.02
+    sensitivity_images: int = 16
 
     def __post_init__(self) -> None:
         unknown = set(self.precisions) - set(PRECISIONS)

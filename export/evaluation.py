@@ -1,8 +1,11 @@
 """Accuracy of every exported graph on the evaluation images, measured against the FP32 graphs.
 
-The evaluation split is read once (:func:`read_eval_set`); the FP32 graphs' outputs on it are the
-reference (:func:`evaluate_fp32`); each lower-precision graph is run on ONNX Runtime CPU and
-compared with that reference (:meth:`Evaluation.compare_classifier`, :meth:`Evaluation.compare_detector`).
+The evaluation split is read once (:func:`read_eval_set`, every image by default); the FP32 graphs'
+outputs on it are the reference (:func:`evaluate_fp32`); each lower-precision graph is run on ONNX
+Runtime CPU and compared with that reference (:meth:`Evaluation.compare_classifier`,
+:meth:`Evaluation.compare_detector`) through :mod:`spine_edge.verdict`, the comparison and verdict
+rule that bench applies too: fidelity, paired bootstrap intervals of ΔAUROC / ΔmAP@0.5, and
+``hold`` / ``fail`` / ``inconclusive``.
 The report's rows (:func:`accuracy_row`) and the report itself (:func:`assemble_report`) are built
 once, at the end, from those frozen comparisons.
 """
@@ -13,7 +16,7 @@ import csv
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +26,20 @@ import onnx
 from spine_edge.constants import CLASSIFIER_PAD_VALUE, DETECTOR_PAD_VALUE
 from spine_edge.errors import DatasetError, SpineEdgeError
 from spine_edge.export.bundle_writer import AccuracyReport, PrecisionAccuracy
-from spine_edge.export.classifier_graph import INPUT_NAME, PROB_NAME, member_scope
+from spine_edge.export.classifier_graph import CAM_NAME, INPUT_NAME, PROB_NAME, member_scope
 from spine_edge.export.detector_graph import OUTPUT_NAME
 from spine_edge.imageio import read_image
 from spine_edge.metrics import (
-    ACCURACY_GATES,
     ClassificationMetrics,
     DetectionMetrics,
     ImageBoxes,
-    count_flips,
     delta_points,
     evaluate_classification,
     evaluate_detection,
 )
 from spine_edge.postprocess import decode_yolo
 from spine_edge.preprocess import Letterbox, letterbox
+from spine_edge.verdict import BootstrapSettings, RoleVerdict, judge_classifier, judge_detector
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +218,12 @@ class ClassifierRun:
     Attributes:
         prob: Ensemble probability ``[N]``.
         members: Member probabilities ``[M, N]``.
+        cam: Class-activation maps ``[N, h, w]``.
     """
 
     prob: np.ndarray
     members: np.ndarray
+    cam: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,10 @@ class EvalSettings:
         batch_size: Batch of the ONNX Runtime runs.
         map_conf: Confidence threshold of the mAP evaluation.
         iou: NMS IoU of the mAP evaluation (the detector recipe's).
+        agreement_conf: Score from which boxes count in the agreement with FP32's boxes (the
+            deployed confidence threshold; see :func:`spine_edge.verdict.judge_detector`).
         max_det: Detections kept per image.
+        bootstrap: The paired bootstrap of the verdict's intervals.
     """
 
     threshold: float
@@ -243,7 +250,9 @@ class EvalSettings:
     batch_size: int
     map_conf: float
     iou: float
+    agreement_conf: float = 0.0
     max_det: int = MAP_MAX_DET
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
 
     def describe_detection(self) -> dict[str, Any]:
         """How detections were produced for mAP (the report's ``detector_eval``)."""
@@ -259,8 +268,8 @@ class EvalSettings:
 def run_classifier(model: Path | onnx.ModelProto, data: EvalSet, settings: EvalSettings) -> ClassifierRun:
     """Ensemble and member probabilities of a classifier graph on the evaluation set."""
     tensors = settings.member_tensors
-    out = run_graph(model, data.classifier_canvases, [PROB_NAME, *tensors], settings.batch_size)
-    return ClassifierRun(out[PROB_NAME], np.stack([out[name] for name in tensors]))
+    out = run_graph(model, data.classifier_canvases, [PROB_NAME, CAM_NAME, *tensors], settings.batch_size)
+    return ClassifierRun(out[PROB_NAME], np.stack([out[name] for name in tensors]), out[CAM_NAME])
 
 
 def run_detector(model: Path | onnx.ModelProto, data: EvalSet, settings: EvalSettings) -> tuple[ImageBoxes, ...]:
@@ -278,34 +287,50 @@ def run_detector(model: Path | onnx.ModelProto, data: EvalSet, settings: EvalSet
 
 @dataclass(frozen=True)
 class ClassifierComparison:
-    """A classifier graph's accuracy on the evaluation set, against FP32.
+    """A classifier graph's accuracy on the evaluation set, and its verdict against FP32.
 
     Attributes:
         metrics: Its metrics at τ.
-        delta_auroc_pt: AUROC minus FP32's, in points.
-        flips: Gate decisions that differ from FP32's.
-        max_abs_dprob: Largest probability difference from FP32.
+        verdict: Fidelity, ΔAUROC with its interval, and the verdict (:func:`spine_edge.verdict.judge_classifier`).
     """
 
     metrics: ClassificationMetrics
-    delta_auroc_pt: float
-    flips: int
-    max_abs_dprob: float
+    verdict: RoleVerdict
+
+    @property
+    def delta_auroc_pt(self) -> float:
+        """AUROC minus FP32's, in points."""
+        return self.verdict.task.delta_pt
+
+    @property
+    def flips(self) -> int:
+        """Gate decisions that differ from FP32's."""
+        return 0 if self.verdict.classifier is None else self.verdict.classifier.flips
+
+    @property
+    def max_abs_dprob(self) -> float:
+        """Largest probability difference from FP32."""
+        return 0.0 if self.verdict.classifier is None else self.verdict.classifier.max_abs_dprob
 
 
 @dataclass(frozen=True)
 class DetectorComparison:
-    """A detector graph's accuracy on the evaluation set, against FP32.
+    """A detector graph's accuracy on the evaluation set, and its verdict against FP32.
 
     Attributes:
         metrics: Its mAP metrics.
-        delta_map50_pt: mAP@0.5 minus FP32's, in points.
-        delta_map50_95_pt: mAP@0.5:0.95 minus FP32's, in points.
+        verdict: Box agreement, ΔmAP@0.5 with its interval, and the verdict (:func:`spine_edge.verdict.judge_detector`).
+        delta_map50_95_pt: mAP@0.5:0.95 minus FP32's, in points (reported, not gated).
     """
 
     metrics: DetectionMetrics
-    delta_map50_pt: float
+    verdict: RoleVerdict
     delta_map50_95_pt: float
+
+    @property
+    def delta_map50_pt(self) -> float:
+        """mAP@0.5 minus FP32's, in points."""
+        return self.verdict.task.delta_pt
 
 
 @dataclass(frozen=True)
@@ -336,23 +361,35 @@ class Evaluation:
         """A detector graph's detections on the evaluation set, in source pixels."""
         return run_detector(model, self.data, self.settings)
 
-    def compare_classifier(self, run: ClassifierRun) -> ClassifierComparison:
-        """Score a classifier run and compare it with FP32's."""
-        metrics = evaluate_classification(self.data.labels, run.prob, self.settings.threshold)
-        reference = self.classifier_fp32.prob
-        return ClassifierComparison(
-            metrics=metrics,
-            delta_auroc_pt=delta_points(metrics.auroc, self.classifier_metrics.auroc),
-            flips=count_flips(reference, run.prob, self.settings.threshold),
-            max_abs_dprob=float(np.abs(run.prob - reference).max()),
+    def compare_classifier(self, run: ClassifierRun, precision: str) -> ClassifierComparison:
+        """Score a classifier run and judge it against FP32's with the gates of ``precision``."""
+        reference = self.classifier_fp32
+        verdict = judge_classifier(
+            precision,
+            self.data.labels,
+            reference.prob,
+            run.prob,
+            self.settings.threshold,
+            reference.cam,
+            run.cam,
+            self.settings.bootstrap,
         )
+        return ClassifierComparison(evaluate_classification(self.data.labels, run.prob, self.settings.threshold), verdict)
 
-    def compare_detector(self, detections: Sequence[ImageBoxes]) -> DetectorComparison:
-        """Score detections and compare them with FP32's."""
+    def compare_detector(self, detections: Sequence[ImageBoxes], precision: str) -> DetectorComparison:
+        """Score detections and judge them against FP32's with the gates of ``precision``."""
         metrics = evaluate_detection(self.data.ground_truth, list(detections), self.settings.class_names)
+        verdict = judge_detector(
+            precision,
+            self.data.ground_truth,
+            self.detections_fp32,
+            detections,
+            self.settings.agreement_conf,
+            settings=self.settings.bootstrap,
+        )
         return DetectorComparison(
             metrics=metrics,
-            delta_map50_pt=delta_points(metrics.map50, self.detector_metrics.map50),
+            verdict=verdict,
             delta_map50_95_pt=delta_points(metrics.map50_95, self.detector_metrics.map50_95),
         )
 
@@ -375,24 +412,24 @@ def evaluate_fp32(classifier: Path, detector: Path, data: EvalSet, settings: Eva
 
 
 def accuracy_row(
-    variant: str, target: str, how: str, classifier: ClassifierComparison, detector: DetectorComparison
+    variant: str,
+    target: str,
+    how: str,
+    classifier: ClassifierComparison,
+    detector: DetectorComparison,
+    coverage: Mapping[str, Any] | None = None,
 ) -> PrecisionAccuracy:
-    """The report row of one lower-precision variant, with the gate verdicts of its precision."""
-    precision = variant.split("-")[0]
-    gate = ACCURACY_GATES[precision]
+    """The report row of one lower-precision variant: metrics, both roles' verdicts and, for INT8, its coverage."""
     return PrecisionAccuracy(
         variant=variant,
-        precision=precision,
+        precision=variant.split("-")[0],
         target=target,
         classifier=classifier.metrics,
-        delta_auroc_pt=classifier.delta_auroc_pt,
-        flips=classifier.flips,
-        max_abs_dprob=classifier.max_abs_dprob,
         detector=detector.metrics,
-        delta_map50_pt=detector.delta_map50_pt,
+        classifier_verdict=classifier.verdict,
+        detector_verdict=detector.verdict,
         delta_map50_95_pt=detector.delta_map50_95_pt,
-        auroc_gate_holds=gate.auroc_holds(classifier.delta_auroc_pt),
-        map50_gate_holds=gate.map50_holds(detector.delta_map50_pt),
+        int8_coverage=dict(coverage or {}),
         how=how,
     )
 
@@ -433,4 +470,5 @@ def assemble_report(
         parity=dict(parity),
         sensitivity=dict(sensitivity),
         detector_eval=evaluation.settings.describe_detection(),
+        bootstrap=asdict(evaluation.settings.bootstrap),
     )

@@ -20,6 +20,10 @@ graph on real images read through a :class:`CalibrationImages` reader; two varia
   Runtime's CPU kernels fuse into QLinearConv / integer GEMM; symmetric S8S8 was slower than FP32 on
   the AVX2 CPUs measured here.
 
+Every body node is quantised (activations kept, ``QDQKeepRemovableActivations``); layers the INT8
+search keeps in float are then put back by :func:`keep_float`, which edits the Q/DQ graph so ONNX
+Runtime cannot fuse them into integer kernels anyway (``nodes_to_exclude`` alone does not stop it).
+
 ONNX Runtime's quantiser was chosen over NVIDIA ModelOpt because ``nvidia-modelopt[onnx]`` pins onnx
 1.21 and pulls onnxruntime-gpu into the workstation environment, while the two gave the same
 ResNet-50 accuracy in the design notes. ModelOpt's edge is Q/DQ placement tuned for TensorRT's fusions
@@ -58,6 +62,8 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 _ATTRIBUTE_TYPED = {"ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
                     "RandomUniformLike", "Multinomial", "Bernoulli"}
 _CONV_OPS = {"Conv", "ConvTranspose"}
+#: Ops with weights: what :func:`keep_float` keeps in float, and what keeps reading quantised inputs.
+_WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 # --------------------------------------------------------------------------------------------- FP16
@@ -367,30 +373,74 @@ def load_canvas(path: Path, size: int, pad_value: int) -> np.ndarray:
     return canvas
 
 
-def select_calibration_images(prepared: Path, count: int) -> tuple[Path, ...]:
-    """``count`` PNGs of the prepared cache, evenly spaced over the sorted train split (val tops up).
+#: Class key of an image without any box (a normal radiograph) in :func:`image_classes`.
+NORMAL = -1
 
-    Calibrating on train keeps the val split, where accuracy is reported, unseen by calibration.
+
+def image_classes(prepared: Path, image: Path) -> frozenset[int]:
+    """The lesion classes of a prepared PNG (its YOLO label file), or ``{NORMAL}`` for an image without boxes."""
+    label = Path(prepared) / "labels" / image.parent.name / f"{image.stem}.txt"
+    lines = label.read_text().splitlines() if label.is_file() else []
+    classes = frozenset(int(line.split()[0]) for line in lines if line.strip())
+    return classes or frozenset({NORMAL})
+
+
+def _evenly(items: Sequence[Path], count: int) -> list[Path]:
+    """``count`` items evenly spaced over a sorted sequence (all of them when there are fewer)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, count).round()]
+
+
+def select_calibration_images(prepared: Path, count: int) -> tuple[Path, ...]:
+    """``count`` train PNGs of the prepared cache (all of them when there are fewer) in which every class appears.
+
+    Calibrating on train keeps the val split, where accuracy is judged, unseen by calibration
+    (val is used only when the cache has no train images). Rare classes are picked first: for each
+    class, rarest first, images containing it are added (evenly spaced over its images) until it
+    has its share ``max(1, count // (4 · classes))``, normal images counting as one class; the rest
+    of ``count`` is filled evenly over the remaining images. Activation ranges are maxima, so the
+    one image where a rare lesion lights up a channel is what MinMax must see; even spacing alone
+    misses a class seen in a handful of images.
 
     Raises:
         DatasetError: The cache has no images.
     """
-    chosen: list[Path] = []
+    files: list[Path] = []
     for split in ("train", "val"):
         folder = Path(prepared) / "images" / split
         files = sorted(folder.glob("*.png")) if folder.is_dir() else []
-        need = count - len(chosen)
-        if need <= 0:
+        if files:
             break
-        if len(files) > need:
-            files = [files[int(i)] for i in np.linspace(0, len(files) - 1, need).round()]
-        chosen.extend(files)
-    if not chosen:
+    if not files:
         raise DatasetError(
             f"{prepared}: no PNGs under images/train or images/val; pass --calib-data a folder written by "
             "`spine-edge data prepare`"
         )
-    return tuple(chosen)
+    if len(files) <= count:
+        return tuple(files)
+    by_class: dict[int, list[Path]] = {}
+    for path in files:
+        for cls in image_classes(prepared, path):
+            by_class.setdefault(cls, []).append(path)
+    share = max(1, count // (4 * len(by_class)))
+    chosen: dict[Path, None] = {}
+    for _, members in sorted(by_class.items(), key=lambda item: (len(item[1]), item[0])):
+        have = sum(1 for p in members if p in chosen)
+        fresh = [p for p in members if p not in chosen]
+        chosen.update(dict.fromkeys(_evenly(fresh, max(0, min(share - have, count - len(chosen))))))
+    rest = [p for p in files if p not in chosen]
+    chosen.update(dict.fromkeys(_evenly(rest, count - len(chosen))))
+    return tuple(sorted(chosen))
+
+
+def class_counts(prepared: Path, images: Sequence[Path]) -> dict[int, int]:
+    """How many of the images contain each class (:data:`NORMAL` for images without boxes)."""
+    counts: dict[int, int] = {}
+    for path in images:
+        for cls in image_classes(prepared, path):
+            counts[cls] = counts.get(cls, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 @dataclass(frozen=True)
@@ -535,7 +585,6 @@ def quantize_graph(
     calibration: CalibrationResult,
     target: QuantTarget,
     nodes_to_quantize: Iterable[str],
-    nodes_to_exclude: Iterable[str] = (),
 ) -> Path:
     """Write the Q/DQ INT8 graph of ``fp32_path`` for a target from previously collected ranges.
 
@@ -544,8 +593,8 @@ def quantize_graph(
         out: File to write.
         calibration: Ranges from :func:`calibrate` on the same graph.
         target: ``tensorrt`` (symmetric int8) or ``onnxruntime`` (U8S8).
-        nodes_to_quantize: The nodes that may be quantised (the convolutional body).
-        nodes_to_exclude: Nodes kept in FP32 although in ``nodes_to_quantize`` (sensitive layers).
+        nodes_to_quantize: The nodes to quantise (the convolutional body). Layers to keep in float
+            are put back with :func:`keep_float` afterwards, not excluded here (see there why).
 
     Returns:
         ``out``.
@@ -553,12 +602,11 @@ def quantize_graph(
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     settings = QUANTIZE_SETTINGS[target]
-    excluded = set(nodes_to_exclude)
-    allowed = [n for n in nodes_to_quantize if n not in excluded]
+    allowed = list(nodes_to_quantize)
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     with tempfile.TemporaryDirectory(prefix="spine-edge-quant-") as tmp:
         staged = Path(tmp) / "int8.onnx"
-        # An empty nodes_to_quantize means "everything" to ONNX Runtime, so a fully excluded graph
+        # An empty nodes_to_quantize means "everything" to ONNX Runtime, so a graph without a body
         # is written as the FP32 graph itself: nothing is quantised.
         if not allowed:
             model = onnx.load(str(fp32_path))
@@ -580,6 +628,10 @@ def quantize_graph(
                         "ActivationSymmetric": settings.symmetric_activations,
                         "WeightSymmetric": True,
                         "QuantizeBias": settings.quantize_bias,
+                        # Without it the quantiser deletes a Relu whose work its QuantizeLinear's range
+                        # already does; keep_float then could not unquantise that conv's output without
+                        # losing the Relu. ONNX Runtime's optimiser still fuses the kept Relu away.
+                        "QDQKeepRemovableActivations": True,
                     },
                 )
             model = onnx.load(str(staged))
@@ -602,3 +654,101 @@ def activation_types(path: Path) -> dict[str, int]:
             dtype = helper.tensor_dtype_to_np_dtype(consts[node.input[2]].data_type).name
             counts[dtype] = counts.get(dtype, 0) + 1
     return counts
+
+
+def keep_float(qdq: onnx.ModelProto, fp32: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of a Q/DQ graph where the named weighted nodes compute in float: float input, FP32 weights.
+
+    ``quantize_static(nodes_to_exclude=...)`` is not enough for that: it leaves the excluded node
+    between a DequantizeLinear and a QuantizeLinear, and ONNX Runtime (1.2x+) then quantises the
+    float weight itself and fuses the node into a QLinearConv anyway (measured here: an excluded U8S8
+    conv ran as ``com.microsoft.QLinearConv``). So the node reads the float tensor its input's
+    QuantizeLinear reads (where its input is one), and the FP32 graph's weight and bias; the
+    non-weighted ops after it (activation, Add, Concat) read its float output instead of the
+    QuantizeLinear/DequantizeLinear pair after it. With a float input or a float consumer, ONNX
+    Runtime's Conv selector (all inputs DequantizeLinear, every output consumer a QuantizeLinear)
+    cannot fuse it. Weighted layers after it keep reading the quantised tensor, so they stay INT8,
+    and so does the layer before it, because :func:`quantize_graph` keeps activations
+    (``QDQKeepRemovableActivations``): that layer's own output still ends in a QuantizeLinear.
+    Which layers really run in float is then counted from the optimised graph
+    (:mod:`spine_edge.export.coverage`). Q/DQ nodes and initialisers left unused are removed.
+
+    Args:
+        qdq: A graph from :func:`quantize_graph` (every quantisable body node quantised).
+        fp32: The FP32 graph it was quantised from (same node and tensor names).
+        names: Weighted nodes (Conv, Gemm, MatMul) to run in float.
+
+    Returns:
+        The edited graph (unchecked; :func:`write_onnx` checks it when written).
+
+    Raises:
+        KeyError: A name that is not a node of both graphs.
+    """
+    wanted = set(names)
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    if not wanted:
+        return model
+    graph = model.graph
+    originals = {n.name: n for n in fp32.graph.node if n.name in wanted}
+    absent = (wanted - set(originals)) | (wanted - {n.name for n in graph.node})
+    if absent:
+        raise KeyError(f"not nodes of both graphs: {sorted(absent)}")
+    fp32_inits = {t.name: t for t in fp32.graph.initializer}
+    present = {t.name for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def float_source(name: str) -> str:
+        """The float tensor behind ``DequantizeLinear(QuantizeLinear(x))``, else ``name`` itself."""
+        dequant = producer.get(name)
+        if dequant is None or dequant.op_type != "DequantizeLinear":
+            return name
+        quant = producer.get(dequant.input[0])
+        return quant.input[0] if quant is not None and quant.op_type == "QuantizeLinear" else name
+
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    bypass: dict[tuple[str, str], str] = {}  # (consumer, DequantizeLinear output) -> float tensor to read instead
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        for out in node.output:
+            for quant in (c for c in consumers.get(out, []) if c.op_type == "QuantizeLinear"):
+                for dequant in (c for c in consumers.get(quant.output[0], []) if c.op_type == "DequantizeLinear"):
+                    for reader in consumers.get(dequant.output[0], []):
+                        # A weighted reader keeps its quantised input, or it would lose its own INT8 kernel.
+                        if reader.op_type not in _WEIGHTED_OPS:
+                            bypass[(reader.name, dequant.output[0])] = out
+        inputs = list(node.input)
+        for i, name in enumerate(originals[node.name].input):
+            if name not in fp32_inits:
+                inputs[i] = float_source(inputs[i])
+                continue
+            # The quantiser may reuse an FP32 initialiser's name for its DequantizeLinear output (biases).
+            local = f"{name}__fp32" if name in producer else name
+            if local not in present:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(fp32_inits[name])
+                tensor.name = local
+                graph.initializer.append(tensor)
+                present.add(local)
+            inputs[i] = local
+        node.input[:] = inputs
+    for node in graph.node:
+        node.input[:] = [bypass.get((node.name, name), name) for name in node.input]
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = outputs | {name for node in graph.node for name in node.input}
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and
+                not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    kept_inits = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
+    return model

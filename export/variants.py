@@ -9,7 +9,6 @@ TensorRT operator check.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ import numpy as np
 import onnx
 
 from spine_edge.bundle import ModelEntry
+from spine_edge.constants import CLASSIFIER_PAD_VALUE, DETECTOR_PAD_VALUE
 from spine_edge.errors import SpineEdgeError
 from spine_edge.export import precision as prec
 from spine_edge.export.bundle_writer import model_entry
@@ -39,7 +39,7 @@ from spine_edge.export.evaluation import (
     run_graph,
 )
 from spine_edge.export.opcheck import check_symmetric_qdq, check_trt_ops
-from spine_edge.export.sensitivity import ClassifierMember, search_classifier_int8, search_detector_int8
+from spine_edge.export.sensitivity import search_classifier_int8, search_detector_int8
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +71,9 @@ FP16_HOW = (
 )
 #: The tensor roles every graph of a role must declare in the manifest (see bundle_writer.TENSOR_ROLES_BY_NAME).
 EXPECTED_ROLES = {"classifier": {"image", "probability", "cam"}, "detector": {"image", "yolo_raw"}}
+#: Roles a graph may carry besides those: the classifier's in-distribution score, absent when the export
+#: had no training images to fit it on.
+OPTIONAL_ROLES: dict[str, set[str]] = {"classifier": {"ood_score"}, "detector": set()}
 
 
 def graph_path(out: Path, role: str, variant: str) -> Path:
@@ -166,6 +169,7 @@ class Variant:
         classifier: Classifier accuracy (None without an evaluation set).
         detector: Detector accuracy (None without an evaluation set).
         sensitivity: INT8 layer-search records, per graph (``classifier int8-trt``); empty for FP16.
+        coverage: INT8 coverage per role (:meth:`spine_edge.export.coverage.Int8Coverage.to_dict`); empty for FP16.
     """
 
     variant: str
@@ -174,6 +178,7 @@ class Variant:
     classifier: ClassifierComparison | None = None
     detector: DetectorComparison | None = None
     sensitivity: dict[str, Any] = field(default_factory=dict)
+    coverage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target(self) -> str:
@@ -274,8 +279,8 @@ def build_fp16_variant(fp32: Fp32Graphs, out: Path, evaluation: Evaluation | Non
         "fp16",
         (classifier, detector),
         FP16_HOW,
-        evaluation.compare_classifier(cls_run),
-        evaluation.compare_detector(detections),
+        evaluation.compare_classifier(cls_run, "fp16"),
+        evaluation.compare_detector(detections, "fp16"),
     )
 
 
@@ -290,14 +295,27 @@ def int8_description(target: prec.QuantTarget, calibration: prec.CalibrationResu
     return f"INT8 Q/DQ for {target}: {kind}; {calibration.method} calibration on {calibration.images} images."
 
 
+def sensitivity_canvases(calibration: CalibrationSet, count: int, sizes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` calibration images as classifier and detector canvases, for the per-layer sensitivity.
+
+    Calibration (train) images, not evaluation ones: the layer ranking needs no labels, and the
+    validation split stays what the verdict alone is measured on.
+    """
+    chosen = calibration.images[:count]
+    classifier_size, detector_size = sizes
+    return (
+        np.stack([prec.load_canvas(p, classifier_size, CLASSIFIER_PAD_VALUE) for p in chosen])[:, None],
+        np.stack([prec.load_canvas(p, detector_size, DETECTOR_PAD_VALUE) for p in chosen])[:, None],
+    )
+
+
 def build_int8_variant(
     variant: str,
     fp32: Fp32Graphs,
     calibration: CalibrationSet,
-    members: Sequence[ClassifierMember],
     out: Path,
     evaluation: Evaluation,
-    max_flip_fraction: float,
+    sensitivity_images: int,
 ) -> Variant:
     """Write both INT8 Q/DQ graphs of a target, each through its layer search, measured on ONNX Runtime CPU.
 
@@ -305,40 +323,46 @@ def build_int8_variant(
         variant: ``int8-trt`` or ``int8-ort``.
         fp32: The FP32 graphs.
         calibration: Their activation ranges.
-        members: Ensemble members in graph order.
         out: Bundle folder.
         evaluation: The evaluation set and FP32 reference.
-        max_flip_fraction: Share of gate decisions the classifier's INT8 graph may flip.
+        sensitivity_images: Calibration images the per-layer sensitivity runs on.
     """
     target = INT8_VARIANTS[variant]
-    cls_search = search_classifier_int8(
+    sizes = (evaluation.data.classifier_canvases.shape[-1], evaluation.data.detector_canvases.shape[-1])
+    cls_images, det_images = sensitivity_canvases(calibration, sensitivity_images, sizes)
+    cls_search, cls_comparison = search_classifier_int8(
         fp32.classifier.path,
         graph_path(out, "classifier", variant),
         calibration.classifier,
         target,
-        members,
         evaluation,
-        max_flip_fraction,
+        cls_images,
     )
-    det_search = search_detector_int8(
-        fp32.detector.path, graph_path(out, "detector", variant), calibration.detector, target, evaluation
+    det_search, det_comparison = search_detector_int8(
+        fp32.detector.path,
+        graph_path(out, "detector", variant),
+        calibration.detector,
+        target,
+        evaluation,
+        det_images,
     )
-    cls_notes = int8_description(target, calibration.classifier)
-    if cls_search.kept_fp32:
-        cls_notes += f" Kept in FP32 after measuring the INT8 error per member: {', '.join(cls_search.kept_fp32)}."
-    det_notes = int8_description(target, calibration.detector)
-    if det_search.kept_fp32:
-        det_notes += f" Kept in FP32 after measuring the INT8 mAP loss: {', '.join(det_search.kept_fp32)}."
+    graphs = []
+    for role, search, result in (("classifier", cls_search, calibration.classifier),
+                                 ("detector", det_search, calibration.detector)):
+        notes = f"{int8_description(target, result)} {search.coverage.describe()}, counted after ONNX Runtime's optimisation"
+        # ONNX Runtime's CPU fusion wants int32 biases; TensorRT fuses these float-bias Q/DQ convs itself.
+        notes += " (CPU: a lower bound for the TensorRT engine)." if target == "tensorrt" else "."
+        if search.kept_fp32:
+            notes += f" Kept in FP32 by the per-layer search: {len(search.kept_fp32)} of {search.candidates} layers."
+        graphs.append(GraphFile(role, variant, search.path, notes))
     return Variant(
         variant=variant,
-        graphs=(
-            GraphFile("classifier", variant, cls_search.path, cls_notes),
-            GraphFile("detector", variant, det_search.path, det_notes),
-        ),
+        graphs=(graphs[0], graphs[1]),
         how=f"Q/DQ graph for {target} run on ONNX Runtime CPU.",
-        classifier=cls_search.comparison,
-        detector=det_search.comparison,
+        classifier=cls_comparison,
+        detector=det_comparison,
         sensitivity={f"classifier {variant}": cls_search.record(), f"detector {variant}": det_search.record()},
+        coverage={"classifier": cls_search.coverage.to_dict(), "detector": det_search.coverage.to_dict()},
     )
 
 
@@ -367,7 +391,7 @@ def model_entry_of(out: Path, graph: GraphFile) -> ModelEntry:
         out, graph.path, graph.role, graph.precision, graph.target, f"{graph.notes} {_opcheck_note(graph)}".strip()
     )
     roles = {spec.role for spec in (*entry.inputs, *entry.outputs)}
-    if roles != EXPECTED_ROLES[graph.role]:
+    if not EXPECTED_ROLES[graph.role] <= roles <= EXPECTED_ROLES[graph.role] | OPTIONAL_ROLES[graph.role]:
         raise SpineEdgeError(
             f"{graph.path}: tensors {[s.name for s in (*entry.inputs, *entry.outputs)]} carry roles {sorted(map(str, roles))}, "
             f"expected {sorted(EXPECTED_ROLES[graph.role])}: this is an export bug; update "

@@ -139,8 +139,25 @@ def test_calibration_reader_streams_runtime_canvases(export_prepared: Path) -> N
     np.testing.assert_array_equal(feeds[2][0, 0], expected)
     reader.set_range(3, 10)
     assert [reader.get_next() is not None for _ in range(3)] == [True, True, False]
-    topped_up = prec.select_calibration_images(export_prepared, 20)  # 12 train images, then val
-    assert len(topped_up) == 20 and sum(p.parent.name == "val" for p in topped_up) == 8
+    everything = prec.select_calibration_images(export_prepared, 300)  # fewer train images than asked: all of them
+    assert len(everything) == 12 and {p.parent.name for p in everything} == {"train"}
+
+
+def test_calibration_images_include_every_class(export_prepared: Path, tmp_path: Path) -> None:
+    """A class seen in one train image is calibrated on, although even spacing alone would skip it."""
+    counts = prec.class_counts(export_prepared, prec.select_calibration_images(export_prepared, 12))
+    rare = tmp_path / "prepared"
+    (rare / "images" / "train").mkdir(parents=True)
+    (rare / "labels" / "train").mkdir(parents=True)
+    for i in range(40):
+        (rare / "images" / "train" / f"{i:03d}.png").write_bytes(b"")
+        label = "2 0.5 0.5 0.1 0.1\n" if i == 7 else ("0 0.5 0.5 0.1 0.1\n" if i % 2 else "")
+        (rare / "labels" / "train" / f"{i:03d}.txt").write_text(label)
+    chosen = prec.select_calibration_images(rare, 6)
+    assert len(chosen) == 6 and chosen == tuple(sorted(set(chosen)))
+    assert prec.class_counts(rare, chosen).keys() == {prec.NORMAL, 0, 2}
+    assert rare / "images" / "train" / "007.png" in chosen
+    assert sum(counts.values()) >= 12
 
 
 @pytest.fixture(scope="module")
@@ -198,15 +215,18 @@ def test_int8_graphs_run_close_to_fp32(int8_graphs: dict, export_graphs: Exporte
         got = run_graph(int8_graphs["classifier", target], images, ["prob"], 8)["prob"]
         # Measured on the random tiny members: mean |Δprob| ≈ 0.01–0.02.
         assert np.abs(got - ref).mean() < 0.05, target
-    keep = {"/members.1/conv_stem/Conv"}
-    calibration = int8_graphs["classifier", "calibration"]
-    body = prec.fp16_body(onnx.load(str(export_graphs.classifier)))
-    partial = prec.quantize_graph(export_graphs.classifier, int8_graphs["classifier", "tensorrt"].with_name("partial.onnx"),
-                                  calibration, "tensorrt", body, keep)
-    names = {n.name for n in onnx.load(str(partial)).graph.node}
-    assert "/members.1/conv_stem/Conv" in names  # excluded nodes keep their FP32 weights and name
-    conv = next(n for n in onnx.load(str(partial)).graph.node if n.name == "/members.1/conv_stem/Conv")
-    assert not conv.input[1].endswith("_DequantizeLinear_Output")
+    keep = "/members.1/conv_stem/Conv"
+    fp32 = onnx.load(str(export_graphs.classifier))
+    qdq = onnx.load(str(int8_graphs["classifier", "tensorrt"]))
+    partial = prec.keep_float(qdq, fp32, [keep])
+    onnx.checker.check_model(partial, full_check=True)
+    conv = next(n for n in partial.graph.node if n.name == keep)
+    original = next(n for n in fp32.graph.node if n.name == keep)
+    # The kept node reads the float activation and the FP32 weight: nothing left to fuse into an INT8 kernel.
+    assert conv.input[0] == original.input[0] and conv.input[1] == original.input[1]
+    assert len(partial.graph.node) < len(qdq.graph.node)
+    kept = run_graph(partial, images, ["prob"], 8)["prob"]
+    assert np.isfinite(kept).all()
 
 
 def test_percentile_calibration_in_chunks(export_graphs: ExportedGraphs, export_prepared: Path, tmp_path: Path) -> None:

@@ -1,0 +1,39 @@
+"""bench's accuracy phase measures every INT8 graph the bundle carries, the TensorRT Q/DQ ones on ONNX Runtime too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spine_edge.backends import select_model
+from spine_edge.benchmarks.config import TENSORRT_INT8, BenchConfig, accuracy_cascade, plan_precisions
+from spine_edge.cascade import CascadeConfig
+from tests.export.conftest import write_bundle
+
+GRAPHS = (
+    ("classifier", "fp32", "any", "classifier.fp32.onnx"),
+    ("classifier", "int8", "onnxruntime", "classifier.int8.ort.onnx"),
+    ("classifier", "int8", "tensorrt", "classifier.int8.trt.onnx"),
+    ("detector", "fp32", "any", "detector.fp32.onnx"),
+    ("detector", "int8", "onnxruntime", "detector.int8.ort.onnx"),
+    ("detector", "int8", "tensorrt", "detector.int8.trt.onnx"),
+)
+
+
+def test_cpu_plan_adds_the_tensorrt_int8_graphs(tmp_path: Path) -> None:
+    manifest = write_bundle(tmp_path / "bundle", GRAPHS)
+    config = BenchConfig(CascadeConfig(tmp_path / "bundle", backend="onnxruntime", provider="cpu"), data=tmp_path)
+    plan = plan_precisions(manifest, config)
+    assert [label for label, _, _ in plan.accuracy] == ["fp32", "int8", TENSORRT_INT8]
+    assert plan.latency == ("fp32", "int8")  # latency stays the provider's own graphs
+    assert accuracy_cascade(TENSORRT_INT8) == ("int8", "tensorrt") and accuracy_cascade("int8") == ("int8", None)
+    own = select_model(manifest, "detector", "int8", "onnxruntime", "cpu")
+    forced = select_model(manifest, "detector", "int8", "onnxruntime", "cpu", graph_target="tensorrt")
+    assert (own.entry.file, forced.entry.file) == ("detector.int8.ort.onnx", "detector.int8.trt.onnx")
+
+
+def test_no_tensorrt_graphs_no_extra_cascade(tmp_path: Path) -> None:
+    manifest = write_bundle(tmp_path / "bundle", tuple(g for g in GRAPHS if g[2] != "tensorrt"))
+    config = BenchConfig(CascadeConfig(tmp_path / "bundle", backend="onnxruntime", provider="cpu"), data=tmp_path)
+    assert [label for label, _, _ in plan_precisions(manifest, config).accuracy] == ["fp32", "int8"]
+    without_data = BenchConfig(CascadeConfig(tmp_path / "bundle", backend="onnxruntime", provider="cpu"))
+    assert plan_precisions(manifest, without_data).accuracy == ()
