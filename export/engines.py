@@ -14,7 +14,23 @@ for it explicitly (``STRONGLY_TYPED``) whenever the bundle has a graph of the wa
 the plan computes what the export measured. Only when the bundle has no FP16 graph and the builder
 still offers ``BuilderFlag.FP16`` (TensorRT 10) is an FP16 plan built from the FP32 graph with that
 flag. INT8 is always explicit quantisation from the symmetric Q/DQ graph; implicit calibration is
-deprecated since TensorRT 10.1 and gone in 11.
+deprecated since TensorRT 10.1 and gone in 11. Under strong typing every op outside a Q/DQ pair
+runs in the graph's own type, so an INT8 plan is only faster than FP16 when its graph has an FP16
+body (Q/DQ around FP16 ops; export's precision step writes it): this builder takes such a graph as
+it is, records the layer precisions it found (``layers=...`` in the build flags) and warns when an
+INT8 plan's body is FP32.
+
+Proof before use. Each plan is deserialised and run right after it is built, on the bundle's parity
+canvases (``parity/<role>.npz``, written at export by :func:`write_parity_set`; seeded synthetic
+canvases when the bundle has none) at the profile's min and max batch, and compared with ONNX
+Runtime FP32 on the same canvases (:mod:`spine_edge.fidelity`). The result goes into the entry's
+``build.parity``; a plan that breaks :data:`~spine_edge.fidelity.PLAN_GATES` is refused (reported as
+failed, never recorded).
+
+Caches. ONNX Runtime's TensorRT provider caches engines under a key of file and tensor names, so the
+runtime keys its cache folder by the graph's sha256; :func:`clear_stale_caches` deletes the folders of
+graphs the manifest no longer lists (export calls it after writing a bundle, ``build_engines`` on
+every run).
 
 Atomicity. New files get content-addressed names (``<role>.<precision>.<sha12>...``) next to the
 old ones, the manifest is then replaced atomically, and only after that are the replaced files
@@ -30,13 +46,28 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import numpy as np
+
+from spine_edge.backends.base import DEFAULT_BATCH, BatchRange
+from spine_edge.backends.cuda import GPU_EXTRA, GpuInfo, load_cuda
+from spine_edge.backends.onnxruntime import (
+    CACHE_KEY_CHARS,
+    ORT_TENSORRT_CACHE,
+    TIMING_CACHE_DIR,
+    available_cores,
+    cpu_model_name,
+    import_onnxruntime,
+)
+from spine_edge.backends.tensorrt import TensorRTBackend, create_builder, import_tensorrt, trt_logger
 from spine_edge.bundle import (
     BuildInfo,
     Manifest,
@@ -44,16 +75,24 @@ from spine_edge.bundle import (
     ModelFormat,
     Precision,
     Role,
+    TensorSpec,
     load_manifest,
     sha256_file,
     verify_files,
     write_manifest,
 )
-from spine_edge.backends.cuda import GpuInfo, load_cuda
-from spine_edge.backends.onnxruntime import available_cores, cpu_model_name, import_onnxruntime
-from spine_edge.backends.tensorrt import import_tensorrt
-from spine_edge.errors import BackendError, MissingDependencyError
+from spine_edge.errors import BackendError, BundleError, MissingDependencyError
+from spine_edge.fidelity import (
+    PLAN_GATES,
+    ClassifierFidelity,
+    DetectionFidelity,
+    compare_classifier,
+    compare_detections,
+    gate_violations,
+)
 from spine_edge.io_utils import write_bytes_atomic
+from spine_edge.postprocess import decode_yolo
+from spine_edge.support import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +106,10 @@ TRT_DIR = "trt"
 CPU_DIR = "cpu"
 #: Bundle-relative path of the persisted TensorRT timing cache.
 DEFAULT_TIMING_CACHE = f"{TRT_DIR}/timing.cache"
+#: Bundle folder of the parity canvases (``<role>.npz``: ``canvases`` and ``reference/<output>`` arrays).
+PARITY_DIR = "parity"
+#: Canvases generated when the bundle has no parity set (seeded, so reruns compare the same inputs).
+SYNTHETIC_CANVASES = 8
 
 #: Which ONNX graphs each target may build from, most specific first.
 _SOURCE_TARGETS: dict[BuiltTarget, tuple[str, ...]] = {
@@ -84,23 +127,6 @@ class EngineBuildError(BackendError):
 
 
 @dataclass(frozen=True)
-class BatchRange:
-    """Batch sizes of a TensorRT optimisation profile: the plan accepts ``min``…``max``, tuned for ``opt``."""
-
-    min: int = 1
-    opt: int = 1
-    max: int = 1
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise ValueError(f"batch range needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
-
-    def capped(self, max_batch: int) -> BatchRange:
-        """The same range with its largest batch set to ``max_batch`` (``min``/``opt`` lowered to fit)."""
-        return BatchRange(min(self.min, max_batch), min(self.opt, max_batch), max_batch)
-
-
-@dataclass(frozen=True)
 class BuildConfig:
     """What ``build_engines`` builds, and with which limits.
 
@@ -114,15 +140,20 @@ class BuildConfig:
         workspace_mib: TensorRT builder workspace limit; 1 GiB leaves room on a 4 GB card.
         timing_cache: Bundle-relative path of the TensorRT timing cache, reused across builds.
         threads: ONNX Runtime intra-op threads; 0 uses every core available to this process.
+        device: CUDA device to build on (the plans run on the same GPU model).
+        parity: Run and compare each TensorRT plan before recording it (needs onnxruntime for the
+            FP32 reference unless the parity set stores it); off only to rebuild quickly by hand.
     """
 
     target: Target = "auto"
     precisions: tuple[Precision, ...] = ()
-    classifier_batch: BatchRange = BatchRange(1, 4, 8)
-    detector_batch: BatchRange = BatchRange(1, 1, 4)
+    classifier_batch: BatchRange = DEFAULT_BATCH["classifier"]
+    detector_batch: BatchRange = DEFAULT_BATCH["detector"]
     workspace_mib: int = 1024
     timing_cache: str = DEFAULT_TIMING_CACHE
     threads: int = 0
+    device: int = 0
+    parity: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in ("auto", "tensorrt", "onnxruntime-cpu"):
@@ -130,8 +161,11 @@ class BuildConfig:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
         if unknown:
             raise ValueError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
-        if self.workspace_mib < 1 or self.threads < 0:
-            raise ValueError(f"workspace_mib must be >= 1 and threads >= 0, got {self.workspace_mib}, {self.threads}")
+        if self.workspace_mib < 1 or self.threads < 0 or self.device < 0:
+            raise ValueError(
+                f"workspace_mib must be >= 1, threads and device >= 0, got {self.workspace_mib}, {self.threads}, "
+                f"{self.device}"
+            )
 
     def batch_for(self, role: Role) -> BatchRange:
         """The optimisation profile for a role."""
@@ -150,7 +184,11 @@ class BuildJob:
 
 @dataclass(frozen=True)
 class BuiltModel:
-    """One file that was built and recorded in the manifest."""
+    """One file that was built and recorded in the manifest.
+
+    Attributes:
+        parity: One line on how the file compared with ONNX Runtime FP32 (empty when not checked).
+    """
 
     role: Role
     precision: Precision
@@ -158,6 +196,7 @@ class BuiltModel:
     source: str
     size_bytes: int
     seconds: float
+    parity: str = ""
 
 
 @dataclass(frozen=True)
@@ -286,36 +325,65 @@ def _missing_reason(manifest: Manifest, role: Role, precision: Precision, target
 
 
 def _tensorrt_or_none() -> Any:
-    """The tensorrt module, or None when it is missing or its libraries do not load."""
+    """The tensorrt module, or None when it is not installed.
+
+    Raises:
+        BackendError: tensorrt is installed but its libraries do not load (a broken install is
+            reported, not silently replaced by a CPU build).
+    """
     try:
         return import_tensorrt()
-    except (MissingDependencyError, OSError) as exc:
+    except MissingDependencyError as exc:
         log.debug("tensorrt not importable: %s", exc)
         return None
 
 
-def _resolve_target(requested: Target) -> tuple[BuiltTarget, str, Any, GpuInfo | None]:
-    """(target, why, tensorrt module or None, GPU or None) for the requested target."""
+@dataclass(frozen=True)
+class _Resolved:
+    """The path ``build_engines`` takes, and what it needs for it."""
+
+    target: BuiltTarget
+    reason: str
+    trt: Any = None
+    gpu: GpuInfo | None = None
+    builder: Any = None
+    logger: Any = None  # the builder's; TensorRT expects one logger for the builder, parser and runtime
+
+
+def _resolve_target(requested: Target, device: int = 0) -> _Resolved:
+    """Which builder runs, and why (``auto`` falls back to the CPU at every TensorRT failure).
+
+    Raises:
+        MissingDependencyError: ``--target tensorrt`` without tensorrt or cuda-bindings.
+        EngineBuildError: ``--target tensorrt`` and TensorRT cannot start on a GPU here.
+    """
     if requested == "onnxruntime-cpu":
-        return "onnxruntime-cpu", "--target onnxruntime-cpu: prepared ONNX Runtime CPU models", None, None
-    trt = _tensorrt_or_none()
-    if trt is None:
-        if requested == "tensorrt":
-            raise MissingDependencyError("tensorrt", "gpu", "Building TensorRT engines (--target tensorrt)")
-        return "onnxruntime-cpu", "TensorRT not installed: prepared ONNX Runtime CPU models", None, None
+        return _Resolved("onnxruntime-cpu", "--target onnxruntime-cpu: prepared ONNX Runtime CPU models")
     try:
+        trt = _tensorrt_or_none()
+        if trt is None:
+            if requested == "tensorrt":
+                raise MissingDependencyError("tensorrt", GPU_EXTRA, "Building TensorRT engines (--target tensorrt)")
+            return _Resolved("onnxruntime-cpu", "TensorRT not installed: prepared ONNX Runtime CPU models")
         # The same query the TensorRT backend makes, so the recorded GPU matches what it checks.
-        gpu = load_cuda().device_info(0)
+        gpu = load_cuda(device).device_info(device)
+        # Creating the builder is where a driver too old for the wheel's CUDA shows.
+        logger = trt_logger(trt)
+        builder = create_builder(trt, logger)
     except (MissingDependencyError, BackendError) as exc:
         if requested == "tensorrt":
+            if isinstance(exc, MissingDependencyError):
+                raise
             raise EngineBuildError(
-                f"TensorRT is installed but no GPU is usable ({exc}); build on the GPU box, "
-                "or use --target onnxruntime-cpu"
+                f"TensorRT cannot build on a GPU here ({exc}); build on the GPU box, or use --target onnxruntime-cpu"
             ) from exc
-        return ("onnxruntime-cpu", f"TensorRT installed but no usable CUDA GPU ({exc}): prepared ONNX Runtime CPU "
-                "models", None, None)
-    return ("tensorrt", f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}): "
-            "built TensorRT plans", trt, gpu)
+        return _Resolved("onnxruntime-cpu", f"TensorRT not usable here ({exc}): prepared ONNX Runtime CPU models")
+    return _Resolved(
+        "tensorrt",
+        f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}, device {device}): "
+        "built TensorRT plans",
+        trt, gpu, builder, logger,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,22 +490,305 @@ class _OrtCpuBuilder:
 
 
 # ---------------------------------------------------------------------------------------------
+# Caches and parity: plain functions, testable without a GPU.
+
+
+def clear_stale_caches(bundle: Path, manifest: Manifest) -> tuple[Path, ...]:
+    """Delete ONNX Runtime TensorRT-provider cache folders of graphs the manifest no longer lists.
+
+    The runtime keys each graph's engine cache by its sha256 (see
+    :func:`spine_edge.backends.onnxruntime.ort_tensorrt_cache_dir`); anything else under
+    ``cache/ort-tensorrt`` (folders of replaced graphs, engines of the old name-keyed layout) could
+    only ever be loaded by mistake. The shared timing cache stays.
+
+    Args:
+        bundle: The bundle folder.
+        manifest: The manifest that is (or is about to be) current.
+
+    Returns:
+        The paths removed.
+    """
+    root = Path(bundle) / ORT_TENSORRT_CACHE
+    if not root.is_dir():
+        return ()
+    keep = {e.sha256[:CACHE_KEY_CHARS] for e in manifest.models if e.format == "onnx"} | {TIMING_CACHE_DIR}
+    removed: list[Path] = []
+    for child in sorted(root.iterdir()):
+        if child.name in keep and child.is_dir():
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+        removed.append(child)
+    if removed:
+        log.info("removed %d stale ONNX Runtime TensorRT cache entries under %s", len(removed), root)
+    return tuple(removed)
+
+
+@dataclass(frozen=True)
+class ParitySet:
+    """Canvases a built model must reproduce, with the FP32 reference outputs where known.
+
+    Attributes:
+        role: The model role.
+        canvases: ``[N, ...]`` inputs with the graph's input shape and dtype.
+        reference: ONNX Runtime FP32 outputs of all canvases by output name (empty: compute them).
+        source: ``bundle`` (export's real, letterboxed images) or ``synthetic`` (seeded noise: weak
+            evidence for boxes, since a detector finds little in noise).
+    """
+
+    role: Role
+    canvases: np.ndarray
+    reference: Mapping[str, np.ndarray]
+    source: str
+
+
+def parity_path(bundle: Path, role: Role) -> Path:
+    """Where a role's parity set lives in a bundle."""
+    return Path(bundle) / PARITY_DIR / f"{role}.npz"
+
+
+def write_parity_set(
+    bundle: Path, role: Role, canvases: np.ndarray, reference: Mapping[str, np.ndarray] | None = None
+) -> Path:
+    """Store the canvases (and optionally their FP32 outputs) every build of ``role`` is checked on.
+
+    Export calls this with a few real letterboxed validation images per role (8–16 are enough: the
+    check looks for broken plans, not for accuracy); storing the FP32 reference as well lets a target
+    box without the CPU onnxruntime run the check.
+
+    Returns:
+        The file written.
+    """
+    arrays = {"canvases": np.ascontiguousarray(canvases)}
+    for name, value in (reference or {}).items():
+        if len(value) != len(canvases):
+            raise ValueError(f"reference {name!r} has {len(value)} rows for {len(canvases)} canvases")
+        arrays[f"reference/{name}"] = np.ascontiguousarray(value)
+    path = parity_path(bundle, role)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp.npz", delete=False) as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stubs type **kwds loosely
+    os.replace(f.name, path)
+    return path
+
+
+def _synthetic_canvases(image: TensorSpec, count: int) -> np.ndarray:
+    shape = tuple(d for d in image.shape[1:])
+    if not all(isinstance(d, int) and d > 0 for d in shape):
+        raise EngineBuildError(f"input {image.name!r} has dynamic axes besides the batch {image.shape}: re-export it")
+    rng = np.random.default_rng(20240601)
+    dims = (count, *(int(d) for d in shape))
+    # Smooth gradients with noise and a bright block: more like an X-ray than white noise.
+    ramp = np.linspace(0, 1, dims[-1], dtype=np.float32)
+    base = rng.uniform(0.2, 0.8, (count,) + (1,) * (len(dims) - 1)).astype(np.float32) * ramp
+    values: np.ndarray = np.clip(base + rng.normal(0, 0.08, dims).astype(np.float32), 0, 1)
+    values[..., dims[-2] // 4 : dims[-2] // 2, dims[-1] // 3 : dims[-1] // 2] = 0.95
+    scaled: np.ndarray = (values * 255).astype(np.uint8) if np.dtype(image.dtype) == np.uint8 else values
+    return scaled.astype(image.dtype)
+
+
+def load_parity_set(bundle: Path, role: Role, image: TensorSpec) -> ParitySet:
+    """The role's parity set from the bundle, or seeded synthetic canvases (with a warning).
+
+    Raises:
+        BundleError: The stored set does not match the graph's input.
+    """
+    path = parity_path(bundle, role)
+    if not path.is_file():
+        log.warning("%s: no parity canvases in the bundle (re-export writes them); checking built plans on %d "
+                    "synthetic canvases", path, SYNTHETIC_CANVASES)
+        return ParitySet(role, _synthetic_canvases(image, SYNTHETIC_CANVASES), {}, "synthetic")
+    with np.load(path) as data:
+        canvases = data["canvases"]
+        reference = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith("reference/")}
+    expected = tuple(image.shape[1:])
+    if canvases.dtype != np.dtype(image.dtype) or tuple(canvases.shape[1:]) != expected or not len(canvases):
+        raise BundleError(
+            f"{path}: canvases {canvases.dtype} {canvases.shape} do not fit input {image.name!r} "
+            f"({image.dtype} [N, {', '.join(map(str, expected))}]); re-export the bundle"
+        )
+    return ParitySet(role, canvases, reference, "bundle")
+
+
+def take_batch(array: np.ndarray, size: int) -> np.ndarray:
+    """The first ``size`` rows of ``array``, repeated cyclically when it has fewer."""
+    return np.ascontiguousarray(array[np.arange(size) % len(array)])
+
+
+def reference_outputs(bundle: Path, manifest: Manifest, role: Role, canvases: np.ndarray) -> dict[str, np.ndarray]:
+    """ONNX Runtime FP32 (CPU) outputs of the role's FP32 graph on ``canvases``.
+
+    Raises:
+        MissingDependencyError: onnxruntime is not installed.
+        BundleError: The bundle has no FP32 ONNX graph for the role.
+    """
+    from spine_edge.backends.onnxruntime import OnnxRuntimeBackend
+
+    entry = manifest.find(role, "fp32", "onnx")
+    if entry is None:
+        raise BundleError(f"{bundle}: no FP32 ONNX {role} graph to check the built plans against; re-export the bundle")
+    verify_files(bundle, manifest, (entry,))
+    try:
+        with OnnxRuntimeBackend(bundle / entry.file, provider="cpu") as reference:
+            return reference.infer({entry.inputs[0].name: canvases})
+    except MissingDependencyError as exc:
+        raise MissingDependencyError(
+            exc.package, "cpu", "Checking built TensorRT plans against ONNX Runtime FP32 (or re-export with a stored "
+            "reference)"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """How a built model compared with ONNX Runtime FP32, batch by batch.
+
+    Attributes:
+        precision: The built model's precision (selects the gates).
+        source: Where the canvases came from (``bundle`` or ``synthetic``).
+        batches: The batch sizes run (the profile's min and max).
+        classifier: One comparison per batch (classifier models).
+        detector: One comparison per batch (detector models).
+        violations: Broken gates, one sentence each, prefixed with the batch.
+    """
+
+    precision: Precision
+    source: str
+    batches: tuple[int, ...]
+    classifier: tuple[ClassifierFidelity, ...] = ()
+    detector: tuple[DetectionFidelity, ...] = ()
+    violations: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """Every gate held at every batch."""
+        return not self.violations
+
+    def to_record(self) -> dict[str, Any]:
+        """The manifest's ``build.parity`` record."""
+        gates = PLAN_GATES[self.precision]
+        record: dict[str, Any] = json_safe({
+            "reference": "onnxruntime fp32 (CPU)",
+            "canvases": self.source,
+            "batches": list(self.batches),
+            "gates": gates,
+            "passed": self.passed,
+            "violations": list(self.violations),
+            "classifier": [f.to_dict() for f in self.classifier],
+            "detector": [f.to_dict() for f in self.detector],
+        })
+        return record
+
+
+def check_parity(
+    candidate: Any,
+    manifest: Manifest,
+    entry: ModelEntry,
+    parity: ParitySet,
+    reference: Mapping[str, np.ndarray],
+    batches: tuple[int, ...] = (),
+) -> ParityResult:
+    """Run an active backend on the parity canvases at the entry's min and max batch and compare.
+
+    Args:
+        candidate: An active :class:`~spine_edge.backends.base.Backend` running the built model.
+        manifest: The bundle's manifest (gate threshold, detector thresholds).
+        entry: The model's entry (role, precision, batch range of a built file, output roles).
+        parity: The canvases.
+        reference: FP32 outputs of every canvas, by output name.
+        batches: Batch sizes to run; empty for the build record's min and max (1 without one).
+
+    Returns:
+        The comparisons and any gate broken (:data:`~spine_edge.fidelity.PLAN_GATES`).
+    """
+    if not batches:
+        build = entry.build
+        batches = (build.min_batch, build.max_batch) if build is not None else (1,)
+    batches = tuple(sorted(set(batches)))
+    gates = PLAN_GATES[entry.precision]
+    image = entry.inputs[0].name
+    classifier: list[ClassifierFidelity] = []
+    detector: list[DetectionFidelity] = []
+    violations: list[str] = []
+    for size in batches:
+        out = candidate.infer({image: take_batch(parity.canvases, size)})
+        if entry.role == "classifier":
+            name = entry.output("probability").name
+            fid = compare_classifier(
+                take_batch(reference[name], size), out[name], manifest.classifier.threshold, gates.max_abs_dprob
+            )
+            classifier.append(fid)
+            broken = gate_violations(gates, classifier=fid)
+        else:
+            name = entry.output("yolo_raw").name
+            d = manifest.detector
+            ref = decode_yolo(take_batch(reference[name], size), d.conf_threshold, d.iou_threshold, d.max_det)
+            # Candidate boxes down to half the threshold: a box whose score moved across the threshold still
+            # meets its reference twin, while extra low-score boxes rank last and barely move AP.
+            cand = decode_yolo(out[name], d.conf_threshold / 2, d.iou_threshold, d.max_det)
+            det = compare_detections(ref, cand)
+            detector.append(det)
+            broken = gate_violations(gates, detector=det)
+        violations += [f"batch {size}: {problem}" for problem in broken]
+    return ParityResult(entry.precision, parity.source, batches, tuple(classifier), tuple(detector), tuple(violations))
+
+
+def parity_summary(record: Mapping[str, Any]) -> str:
+    """One line from a ``build.parity`` record (empty for an empty record)."""
+    if not record:
+        return ""
+    parts = [f"parity {'ok' if record.get('passed') else 'FAILED'} at batch {'/'.join(map(str, record['batches']))} "
+             f"({record['canvases']} canvases)"]
+    classifier, detector = record.get("classifier") or [], record.get("detector") or []
+    if classifier:
+        worst = [c["max_abs_dprob"] for c in classifier]
+        dprob = "inf" if None in worst else f"{max(worst):.2g}"
+        parts.append(f"max |Δprob| {dprob}, {max(c['flips'] for c in classifier)} flips")
+    if detector:
+        parts.append(f"box AP {min(d['ap'] for d in detector):.3f} vs FP32")
+    return ", ".join(parts)
+
+
+def layer_precisions(network: Any) -> dict[str, int]:
+    """Layers per output data type of a parsed TensorRT network (``{"HALF": 212, "INT8": 40, ...}``)."""
+    counts: Counter[str] = Counter()
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.num_outputs:
+            counts[str(layer.get_output(0).dtype).rsplit(".", 1)[-1]] += 1
+    return dict(sorted(counts.items()))
+
+
+def precision_note(precision: Precision, layers: Mapping[str, int]) -> str:
+    """A warning for an INT8 plan whose unquantised body is FP32 (empty when there is nothing to say)."""
+    if precision == "int8" and layers and not layers.get("HALF"):
+        return ("INT8 plan with an FP32 body: under strong typing every op outside the Q/DQ pairs runs in FP32, so "
+                "it is unlikely to beat the FP16 plan; export the TensorRT INT8 graph with an FP16 body")
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
 # TensorRT.
 
 
 class _TensorRTBuilder:
     """Builds plain TensorRT plans (no metadata prefix: trtexec and Triton load them as they are)."""
 
-    def __init__(self, bundle: Path, config: BuildConfig, trt: Any, gpu: GpuInfo) -> None:
+    def __init__(self, bundle: Path, config: BuildConfig, manifest: Manifest, resolved: _Resolved) -> None:
+        assert resolved.trt is not None and resolved.gpu is not None and resolved.builder is not None
+        trt = resolved.trt
         self._trt = trt
         self._bundle = bundle
         self._config = config
-        self._gpu = gpu
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._builder = trt.Builder(self._logger)
+        self._manifest = manifest
+        self._gpu = resolved.gpu
+        self._logger = resolved.logger
+        self._builder = resolved.builder
         self._cache: Any = None
+        self._parity: dict[Role, tuple[ParitySet, Mapping[str, np.ndarray]]] = {}
         self.version = str(trt.__version__)
-        self.device = gpu.name
+        self.device = resolved.gpu.name
         # TensorRT 11 removed the precision builder flags; 10.x still has them (deprecated since 10.12).
         self.fp16_flag = hasattr(trt.BuilderFlag, "FP16")
 
@@ -449,21 +800,32 @@ class _TensorRTBuilder:
         # TensorRT 10 needs the flag; 11 types every network strongly and ignores (or drops) it.
         return self._builder.create_network(0 if strong is None else 1 << int(strong)), ("strongly-typed",)
 
+    def _new_timing_cache(self, builder_config: Any, seed: bytes, path: Path) -> Any:
+        try:
+            cache = builder_config.create_timing_cache(seed)
+        except (RuntimeError, TypeError) as exc:  # pybind11's mapping of TensorRT's failure for bad bytes
+            cache, reason = None, str(exc)
+        else:
+            reason = "TensorRT returned no cache"
+        if cache is None and seed:
+            # A damaged cache only costs build time: discard it (finish() overwrites the file).
+            log.warning("%s: unreadable timing cache (%s); discarding it and starting a new one", path, reason)
+            return self._new_timing_cache(builder_config, b"", path)
+        if cache is None:
+            raise EngineBuildError(f"TensorRT {self.version} could not create an empty timing cache ({reason})")
+        return cache
+
     def _attach_timing_cache(self, builder_config: Any) -> None:
         """Reuse one timing cache across this run's builds, seeded from the bundle's file."""
         path = self._bundle / self._config.timing_cache
         if self._cache is None:
-            seed = path.read_bytes() if path.is_file() else b""
-            try:
-                self._cache = builder_config.create_timing_cache(seed)
-            except Exception as exc:  # a damaged cache only costs build time: start afresh
-                log.warning("%s: unreadable timing cache (%s); starting a new one", path, exc)
-                self._cache = builder_config.create_timing_cache(b"")
+            self._cache = self._new_timing_cache(builder_config, path.read_bytes() if path.is_file() else b"", path)
         if not builder_config.set_timing_cache(self._cache, False):
             # Made on another GPU or TensorRT version: its timings would mislead tactic selection.
             log.warning("%s: timing cache from another GPU or TensorRT version; starting a new one", path)
-            self._cache = builder_config.create_timing_cache(b"")
-            builder_config.set_timing_cache(self._cache, False)
+            self._cache = self._new_timing_cache(builder_config, b"", path)
+            if not builder_config.set_timing_cache(self._cache, False):
+                raise EngineBuildError(f"TensorRT {self.version} refused a new, empty timing cache")
 
     def _add_profile(self, network: Any, builder_config: Any, job: BuildJob, source: Path) -> BatchRange:
         """Profile over the batch axis of every dynamic input; other axes must be fixed."""
@@ -498,6 +860,10 @@ class _TensorRTBuilder:
         parser = trt.OnnxParser(network, self._logger)
         if not parser.parse_from_file(str(source)):
             raise EngineBuildError(_parser_message(parser, source, self.version))
+        layers = layer_precisions(network)
+        note = precision_note(job.precision, layers)
+        if note:
+            log.warning("%s: %s", source, note)
         builder_config = self._builder.create_builder_config()
         builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self._config.workspace_mib << 20)
         if "fp16-flag" in flags:
@@ -506,6 +872,7 @@ class _TensorRTBuilder:
             # The FP32 plan is the accuracy reference: TF32's 10-bit mantissa would blur what FP16 loses.
             builder_config.clear_flag(trt.BuilderFlag.TF32)
             flags += ("no-tf32",)
+        flags += ("layers=" + ",".join(f"{k.lower()}:{v}" for k, v in layers.items()),)
         batch = self._add_profile(network, builder_config, job, source)
         self._attach_timing_cache(builder_config)
         plan = self._builder.build_serialized_network(network, builder_config)
@@ -521,7 +888,7 @@ class _TensorRTBuilder:
             relative, digest, _ = _store(tmp, self._bundle, TRT_DIR, job, ".plan")
         finally:
             tmp.unlink(missing_ok=True)
-        return ModelEntry(
+        entry = ModelEntry(
             role=job.role,
             precision=job.precision,
             format="tensorrt",
@@ -536,14 +903,50 @@ class _TensorRTBuilder:
                 device=self.device,
                 source=job.source.file,
                 compute_capability=self._gpu.compute_capability,
-                build_flags=(*flags, f"workspace={self._config.workspace_mib}MiB"),
+                build_flags=(*flags, f"workspace={self._config.workspace_mib}MiB", f"device={self._config.device}"),
                 min_batch=batch.min,
                 opt_batch=batch.opt,
                 max_batch=batch.max,
                 timing_cache=self._config.timing_cache,
             ),
-            notes="plain TensorRT plan (no metadata prefix); runs only with this TensorRT version and GPU",
+            notes="plain TensorRT plan (no metadata prefix); runs only with this TensorRT version and GPU"
+            + (f"; {note}" if note else ""),
         )
+        if not self._config.parity:
+            return entry
+        try:
+            result = self._prove(entry)
+        except BaseException:
+            (self._bundle / relative).unlink(missing_ok=True)
+            raise
+        if not result.passed:
+            (self._bundle / relative).unlink(missing_ok=True)
+            raise EngineBuildError(
+                f"{source}: the {job.precision} TensorRT plan does not reproduce ONNX Runtime FP32 on the "
+                f"{result.source} parity canvases ({'; '.join(result.violations)}); it was not recorded. "
+                "Build another precision, or re-export the bundle"
+            )
+        assert entry.build is not None
+        return replace(entry, build=replace(entry.build, parity=result.to_record()))
+
+    def _prove(self, entry: ModelEntry) -> ParityResult:
+        """Deserialise the new plan and check it against ONNX Runtime FP32 on the parity canvases."""
+        try:
+            if entry.role not in self._parity:
+                parity = load_parity_set(self._bundle, entry.role, entry.inputs[0])
+                reference = parity.reference or reference_outputs(
+                    self._bundle, self._manifest, entry.role, parity.canvases
+                )
+                self._parity[entry.role] = (parity, reference)
+            parity, reference = self._parity[entry.role]
+            with TensorRTBackend(self._bundle / entry.file, entry.build, self._bundle, self._config.device) as plan:
+                return check_parity(plan, self._manifest, entry, parity, reference)
+        except BundleError as exc:
+            raise EngineBuildError(f"{entry.file}: cannot check the plan ({exc}); it was not recorded") from exc
+        except EngineBuildError:
+            raise
+        except BackendError as exc:
+            raise EngineBuildError(f"{entry.file}: the freshly built plan does not run ({exc}); it was not recorded") from exc
 
     def finish(self) -> str:
         """Persist the timing cache; return its bundle-relative path."""
@@ -562,7 +965,7 @@ def _parser_message(parser: Any, source: Path, version: str) -> str:
         details.append(f"node '{node}' ({op}): {error.desc()}")
     return (
         f"{source}: TensorRT {version}'s ONNX parser refused the graph: {'; '.join(details) or 'no detail given'}. "
-        f"List every unsupported op with `python -m export.opcheck {source}` on the export machine, then re-export"
+        f"List every unsupported op with `python -m spine_edge.export.opcheck {source}` on the export machine, then re-export"
     )
 
 
@@ -601,9 +1004,11 @@ def build_engines(bundle: Path, config: BuildConfig = BuildConfig()) -> BuildRep
     manifest = load_manifest(folder, verify=False)
     # Only the graphs built from must match; stale built files are about to be replaced anyway.
     verify_files(folder, manifest, tuple(e for e in manifest.models if e.format == "onnx"))
-    target, reason, trt, gpu = _resolve_target(config.target)
+    clear_stale_caches(folder, manifest)
+    resolved = _resolve_target(config.target, config.device)
+    target, reason = resolved.target, resolved.reason
     builder: _Builder = (
-        _TensorRTBuilder(folder, config, trt, gpu) if target == "tensorrt" else _OrtCpuBuilder(folder, config)
+        _TensorRTBuilder(folder, config, manifest, resolved) if target == "tensorrt" else _OrtCpuBuilder(folder, config)
     )
     jobs, skipped = plan_builds(manifest, target, config.precisions, fp16_flag=builder.fp16_flag)
     if not jobs:
@@ -623,7 +1028,8 @@ def build_engines(bundle: Path, config: BuildConfig = BuildConfig()) -> BuildRep
                 continue
             entries.append(entry)
             built.append(BuiltModel(job.role, job.precision, entry.file, job.source.file,
-                                    (folder / entry.file).stat().st_size, time.perf_counter() - start))
+                                    (folder / entry.file).stat().st_size, time.perf_counter() - start,
+                                    parity_summary(entry.build.parity) if entry.build else ""))
         timing_cache = builder.finish()
         if entries:
             write_manifest(folder, _with_entries(manifest, entries))

@@ -15,12 +15,16 @@ Two kinds of problem are reported:
 
 Operators that are supported with a restriction are listed as caveats, for a human to confirm.
 
+:func:`qdq_body` says in which float type a Q/DQ graph computes what is not quantised: TensorRT
+builds Q/DQ graphs strongly typed, so an INT8 graph with an FP32 body runs every unquantised op in
+FP32 and is rarely faster than the FP16 plan; the TensorRT INT8 graph should have an FP16 body.
+
 Example:
     >>> report = check_trt_ops("runs/bundle/classifier.int8.trt.onnx")  # doctest: +SKIP
     >>> report.ok, [f.op for f in report.unsupported]  # doctest: +SKIP
     (True, [])
 
-From a shell: ``python -m export.opcheck MODEL.onnx [MODEL.onnx ...]`` (exit status 1 if any fails).
+From a shell: ``python -m spine_edge.export.opcheck MODEL.onnx [MODEL.onnx ...]`` (exit status 1 if any fails).
 """
 
 from __future__ import annotations
@@ -335,9 +339,70 @@ def _missing_zero_point_problem(node: onnx.NodeProto, consts: dict[str, onnx.Ten
     return ""
 
 
+@dataclass(frozen=True)
+class QdqBody:
+    """The float types a Q/DQ graph computes in outside its quantised ops.
+
+    Attributes:
+        path: The checked file.
+        qdq_nodes: QuantizeLinear/DequantizeLinear nodes.
+        float32_ops: Other nodes whose first output is float32 (casts and constants left out).
+        float16_ops: Other nodes whose first output is float16.
+    """
+
+    path: Path
+    qdq_nodes: int
+    float32_ops: int
+    float16_ops: int
+
+    @property
+    def fp32_body(self) -> bool:
+        """A Q/DQ graph whose unquantised ops are mostly FP32 (FP32 pre/post-processing ends are fine)."""
+        return self.qdq_nodes > 0 and self.float32_ops > self.float16_ops
+
+    def note(self) -> str:
+        """One line for a human (empty for a graph without Q/DQ)."""
+        if not self.qdq_nodes:
+            return ""
+        line = f"{self.path}: Q/DQ graph body: {self.float16_ops} float16 ops, {self.float32_ops} float32 ops"
+        if self.fp32_body:
+            line += ("; TensorRT runs the unquantised ops in FP32 under strong typing, so this INT8 plan is unlikely "
+                     "to beat FP16: quantise the FP16 graph for TensorRT")
+        return line
+
+
+#: Nodes that only move or label values; they say nothing about the body's arithmetic type.
+_TYPE_NEUTRAL_OPS = frozenset({"Cast", "Constant", "Shape", "Identity", *_QDQ_OPS})
+
+
+def qdq_body(onnx_path: str | Path) -> QdqBody:
+    """Count the float types of a Q/DQ graph's unquantised ops (types from ONNX shape inference).
+
+    Raises:
+        BundleError: The file is missing or is not an ONNX model.
+    """
+    model = _load(onnx_path)
+    try:
+        typed = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError):  # e.g. a graph over 2 GiB: declared types only
+        typed = model
+    graph = typed.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
+    types |= {t.name: t.data_type for t in graph.initializer}
+    qdq = fp32 = fp16 = 0
+    for _, node in _walk(graph):
+        if node.op_type in _QDQ_OPS:
+            qdq += 1
+        elif node.op_type not in _TYPE_NEUTRAL_OPS and node.output:
+            kind = types.get(node.output[0])
+            fp32 += kind == onnx.TensorProto.FLOAT
+            fp16 += kind == onnx.TensorProto.FLOAT16
+    return QdqBody(Path(onnx_path), qdq, fp32, fp16)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Check ONNX files given on the command line; exit status 1 if any would not import."""
-    parser = argparse.ArgumentParser(prog="python -m export.opcheck", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m spine_edge.export.opcheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", type=Path, help="ONNX files to check")
     args = parser.parse_args(argv)
     status = 0
@@ -349,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             status = 1
             continue
         print(report.summary())
+        note = qdq_body(path).note()
+        if note:
+            print(f"  {note}")
         status |= 0 if report.ok else 1
     return status
 

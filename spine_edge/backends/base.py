@@ -8,17 +8,47 @@ A backend runs one graph. Public methods check state and delegate to ``_activate
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from spine_edge.bundle import TensorSpec
-from spine_edge.errors import BackendError
+from spine_edge.bundle import Role, TensorSpec
+from spine_edge.errors import BackendError, SpineEdgeError
 
 if TYPE_CHECKING:
-    from typing import Self
+    from typing_extensions import Self
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    """Batch sizes of an optimisation profile: the engine accepts ``min``…``max``, tuned for ``opt``.
+
+    Used by ``build-engines`` for native TensorRT plans and by ONNX Runtime's TensorRT provider, so
+    both build engines for the same batches.
+    """
+
+    min: int = 1
+    opt: int = 1
+    max: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"batch range needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+    def capped(self, max_batch: int) -> BatchRange:
+        """The same range with its largest batch set to ``max_batch`` (``min``/``opt`` lowered to fit)."""
+        return BatchRange(min(self.min, max_batch), min(self.opt, max_batch), max_batch)
+
+
+#: Default profiles: the cascade batches classifier images; the detector sees only gate-positive ones.
+DEFAULT_BATCH: dict[Role, BatchRange] = {"classifier": BatchRange(1, 4, 8), "detector": BatchRange(1, 1, 4)}
 
 
 class Backend(abc.ABC):
@@ -59,8 +89,17 @@ class Backend(abc.ABC):
     def __enter__(self) -> Self:
         return self.activate()
 
-    def __exit__(self, *exc: object) -> None:
-        self.deactivate()
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.deactivate()
+            return
+        try:
+            self.deactivate()
+        except SpineEdgeError as teardown:
+            # The error that ended the block is the one to act on; a failed release after it is a consequence.
+            log.warning("%s: releasing after an error also failed: %s", self.path.name, teardown)
 
     def input_specs(self) -> dict[str, TensorSpec]:
         """Input tensors by name; dynamic axes are strings."""

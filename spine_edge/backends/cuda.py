@@ -1,7 +1,8 @@
 """The few CUDA runtime calls the TensorRT backend needs, behind one small interface.
 
-NVIDIA's ``cuda-bindings`` (``from cuda.bindings import runtime``) is the supported binding; pycuda is
-used when only it is installed. Both are imported lazily by :func:`load_cuda`.
+NVIDIA's ``cuda-bindings`` (``from cuda.bindings import runtime``) is the binding, imported lazily
+by :func:`load_cuda`. The current device is per thread in CUDA, so callers that may run on another
+thread than the one that loaded a plan call :meth:`CudaApi.set_device` first.
 """
 
 from __future__ import annotations
@@ -13,7 +14,33 @@ from typing import Any
 
 import numpy as np
 
-from spine_edge.errors import BackendError, MissingDependencyError
+from spine_edge.errors import BackendError
+from spine_edge.support import import_optional
+
+#: The extra that installs TensorRT and cuda-bindings for CUDA 12 (works on R535+ drivers; see README).
+GPU_EXTRA = "gpu-cu12"
+#: What to do when CUDA does not start: the usual cause on a kiosk is a driver older than the wheels' CUDA.
+DRIVER_HINT = (
+    "check the NVIDIA driver with nvidia-smi: the CUDA 13 wheels (spine-edge[gpu-cu13]) need driver R580 or "
+    "newer, the CUDA 12 ones (spine-edge[gpu-cu12]) R535 or newer; on Jetson use JetPack's TensorRT"
+)
+
+
+#: cudaError_t names that mean the driver, not the program, is the problem.
+_DRIVER_ERRORS = frozenset({
+    "cudaErrorInsufficientDriver", "cudaErrorNoDevice", "cudaErrorInitializationError", "cudaErrorStubLibrary",
+    "cudaErrorSystemDriverMismatch", "cudaErrorCompatNotSupportedOnDevice", "cudaErrorCallRequiresNewerDriver",
+})
+
+
+def _hint(err: Any) -> str:
+    """What to do about a CUDA error, by its kind."""
+    name = getattr(err, "name", "")
+    if name in _DRIVER_ERRORS:
+        return DRIVER_HINT
+    if name == "cudaErrorMemoryAllocation":
+        return "not enough GPU memory: close other GPU programs, or rebuild the engines with a smaller --max-batch"
+    return "check the GPU with nvidia-smi; restart the program after an illegal-address or launch error"
 
 
 @dataclass(frozen=True)
@@ -42,6 +69,10 @@ class CudaApi(abc.ABC):
     @abc.abstractmethod
     def device_info(self, device: int = 0) -> GpuInfo:
         """Name and compute capability of a device."""
+
+    @abc.abstractmethod
+    def set_device(self, device: int) -> None:
+        """Make ``device`` current for the calling thread (TensorRT runs on the current device)."""
 
     @abc.abstractmethod
     def malloc(self, nbytes: int) -> int:
@@ -98,7 +129,7 @@ class CudaBindingsApi(CudaApi):
         if err != self._rt.cudaError_t.cudaSuccess:
             _, text = self._rt.cudaGetErrorString(err)
             reason = text.decode() if isinstance(text, bytes) else str(text)
-            raise BackendError(f"CUDA {what} failed: {reason} (check the NVIDIA driver with nvidia-smi)")
+            raise BackendError(f"CUDA {what} failed: {reason} ({_hint(err)})")
         return values[0] if len(values) == 1 else (tuple(values) or None)
 
     def device_count(self) -> int:
@@ -108,6 +139,9 @@ class CudaBindingsApi(CudaApi):
         props = self._check(self._rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
         name = props.name.split(b"\0", 1)[0].decode() if isinstance(props.name, bytes) else str(props.name)
         return GpuInfo(name=name.strip(), compute_capability=f"{props.major}.{props.minor}")
+
+    def set_device(self, device: int) -> None:
+        self._check(self._rt.cudaSetDevice(device), "cudaSetDevice")
 
     def malloc(self, nbytes: int) -> int:
         return int(self._check(self._rt.cudaMalloc(nbytes), "cudaMalloc"))
@@ -145,82 +179,27 @@ class CudaBindingsApi(CudaApi):
         self._check(self._rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream), "cudaMemcpyAsync")
 
 
-class PyCudaApi(CudaApi):
-    """pycuda, for boxes that have it and not cuda-bindings (it creates its own context on device 0)."""
+def load_cuda(device: int | None = None) -> CudaApi:
+    """NVIDIA's ``cuda-bindings``, checked to see a CUDA device.
 
-    binding = "pycuda"
+    pycuda is deliberately not supported: its context is bound to the thread that imports it,
+    while a :class:`~spine_edge.cascade.Cascade` may be called from any thread. cuda-bindings'
+    runtime API uses the device's primary context, which every thread shares.
 
-    def __init__(self, driver: Any) -> None:
-        self._drv = driver
-        self._device: dict[int, Any] = {}  # address -> DeviceAllocation, kept alive until free()
-
-    def device_count(self) -> int:
-        return int(self._drv.Device.count())
-
-    def device_info(self, device: int = 0) -> GpuInfo:
-        dev = self._drv.Device(device)
-        major, minor = dev.compute_capability()
-        return GpuInfo(name=dev.name().strip(), compute_capability=f"{major}.{minor}")
-
-    def malloc(self, nbytes: int) -> int:
-        allocation = self._drv.mem_alloc(nbytes)
-        self._device[int(allocation)] = allocation
-        return int(allocation)
-
-    def free(self, ptr: int) -> None:
-        self._device.pop(ptr).free()
-
-    def malloc_host(self, nbytes: int) -> np.ndarray:
-        return self._drv.pagelocked_empty(nbytes, np.uint8)
-
-    def free_host(self, array: np.ndarray) -> None:
-        array.base.free()
-
-    def stream_create(self) -> Any:
-        return self._drv.Stream()
-
-    def stream_handle(self, stream: Any) -> int:
-        return int(stream.handle)
-
-    def stream_destroy(self, stream: Any) -> None:
-        stream.synchronize()
-
-    def stream_synchronize(self, stream: Any) -> None:
-        stream.synchronize()
-
-    def memcpy_htod_async(self, dst: int, src: np.ndarray, stream: Any) -> None:
-        self._drv.memcpy_htod_async(dst, src, stream)
-
-    def memcpy_dtoh_async(self, dst: np.ndarray, src: int, stream: Any) -> None:
-        self._drv.memcpy_dtoh_async(dst, src, stream)
-
-
-def load_cuda() -> CudaApi:
-    """The installed CUDA binding: cuda-bindings, else pycuda.
+    Args:
+        device: Make this device current for the calling thread (None: leave the current one).
 
     Raises:
-        MissingDependencyError: Neither is installed.
-        BackendError: The binding loads but no CUDA device is usable.
+        MissingDependencyError: cuda-bindings is not installed.
+        BackendError: The driver does not start, no CUDA device is usable, or ``device`` is not one.
     """
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        cudart = None
-    if cudart is not None:
-        api: CudaApi = CudaBindingsApi(cudart)
-    else:
-        api = _load_pycuda()
-    if not api.device_count():
+    cudart = import_optional("cuda.bindings.runtime", GPU_EXTRA, "The native TensorRT backend")
+    api = CudaBindingsApi(cudart)
+    count = api.device_count()
+    if not count:
         raise BackendError("no CUDA device found: run on the GPU box, or use --backend onnxruntime")
+    if device is not None:
+        if not 0 <= device < count:
+            raise BackendError(f"CUDA device {device} does not exist (this box has {count}: 0..{count - 1}); fix --device")
+        api.set_device(device)
     return api
-
-
-def _load_pycuda() -> PyCudaApi:
-    try:
-        import pycuda.autoinit  # noqa: F401  (creates the context pycuda's calls need)
-        import pycuda.driver as driver
-    except ImportError as exc:
-        raise MissingDependencyError("cuda-bindings", "gpu", "The native TensorRT backend") from exc
-    except Exception as exc:  # pycuda raises its own LogicError/RuntimeError when no device or driver
-        raise BackendError(f"pycuda cannot open a CUDA device ({exc}); check the NVIDIA driver with nvidia-smi") from exc
-    return PyCudaApi(driver)

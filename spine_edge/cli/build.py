@@ -48,6 +48,20 @@ from spine_edge.errors import SpineEdgeError
     show_default=True,
     help="ONNX Runtime intra-op threads; 0 uses every available core.",
 )
+@click.option(
+    "--device",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="CUDA device to build the TensorRT plans on (they run on that GPU model).",
+)
+@click.option(
+    "--parity/--no-parity",
+    default=True,
+    show_default=True,
+    help="Run each new TensorRT plan on the bundle's parity images and refuse it unless it reproduces "
+    "ONNX Runtime FP32; --no-parity only for quick rebuilds by hand.",
+)
 def build_engines(
     bundle: Path | None,
     target: str,
@@ -55,6 +69,8 @@ def build_engines(
     max_batch: int | None,
     workspace_mb: int,
     threads: int,
+    device: int,
+    parity: bool,
 ) -> None:
     """Build this box's engines from BUNDLE's ONNX graphs and record them in its manifest.
 
@@ -71,6 +87,8 @@ def build_engines(
         detector_batch=defaults.detector_batch.capped(max_batch) if max_batch else defaults.detector_batch,
         workspace_mib=workspace_mb,
         threads=threads,
+        device=device,
+        parity=parity,
     )
     folder = bundle if bundle is not None else default_bundle_path()
     try:
@@ -87,6 +105,8 @@ def build_engines(
             else f"{model.size_bytes / 2**10:.1f} KiB"
         )
         click.echo(f"{model.file:<48} {model.precision:<9} {size:>10} {model.seconds:>8.2f}")
+        if model.parity:
+            click.echo(f"  {model.parity}")
     for skipped in report.skipped:
         click.echo(f"skipped {skipped.role} {skipped.precision}: {skipped.reason}")
     if report.timing_cache:

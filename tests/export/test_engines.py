@@ -12,11 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 import spine_edge.export.engines as engines
-from spine_edge.export.engines import BatchRange, BuildConfig, build_engines, plan_builds
 from spine_edge.backends.onnxruntime import cpu_model_name
 from spine_edge.bundle import load_manifest, sha256_file, write_manifest
 from spine_edge.cli import EXIT_SETUP, main
 from spine_edge.errors import BundleError, MissingDependencyError
+from spine_edge.export.engines import BatchRange, BuildConfig, build_engines, plan_builds
 from tests.export.conftest import SIZE, write_bundle
 
 CPU = BuildConfig(target="onnxruntime-cpu", threads=1)
@@ -84,7 +84,7 @@ def test_rebuild_replaces_entries_and_removes_their_old_files(bundle: Path) -> N
     stale_path.write_bytes(b"an older optimised graph")
     stale = replace(current, file="cpu/detector.fp32.000000000000.opt.onnx", sha256=sha256_file(stale_path))
     (bundle / current.file).unlink()
-    write_manifest(bundle, first.with_models(tuple(e for e in first.models if e is not current) + (stale,)))
+    write_manifest(bundle, first.with_models((*(e for e in first.models if e is not current), stale)))
 
     build_engines(bundle, CPU)
     second = load_manifest(bundle)
@@ -175,7 +175,7 @@ def test_planning_skips_graphs_meant_for_the_other_target(tmp_path: Path) -> Non
 def test_nothing_to_build_is_an_error(tmp_path: Path) -> None:
     folder = tmp_path / "b"
     write_bundle(folder, (("classifier", "int8", "tensorrt", "c8.onnx"),))
-    with pytest.raises(engines.EngineBuildError, match="nothing to build for onnxruntime-cpu.*meant for tensorrt"):
+    with pytest.raises(engines.EngineBuildError, match=r"nothing to build for onnxruntime-cpu.*meant for tensorrt"):
         build_engines(folder, CPU)
 
 
@@ -190,12 +190,12 @@ def test_batch_range_is_validated_and_capped() -> None:
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="checks the message on a box without TensorRT")
 def test_tensorrt_target_without_tensorrt_names_the_extra(bundle: Path) -> None:
-    with pytest.raises(MissingDependencyError, match=r"pip install 'spine-edge\[gpu\]'"):
+    with pytest.raises(MissingDependencyError, match=r"pip install 'spine-edge\[gpu-cu12\]'"):
         build_engines(bundle, BuildConfig(target="tensorrt"))
 
 
 def test_engines_module_imports_neither_torch_nor_onnx() -> None:
-    code = ("import sys, export.engines, spine_edge.cli.build; "
+    code = ("import sys, spine_edge.export.engines, spine_edge.cli.build; "
             "print(sorted(m for m in ('torch', 'onnx', 'tensorrt', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout
@@ -247,7 +247,7 @@ def test_cli_tensorrt_requested_but_missing(bundle: Path) -> None:
     result = CliRunner().invoke(main, ["build-engines", str(bundle), "--target", "tensorrt"])
     assert result.exit_code == EXIT_SETUP
     lines = [line for line in result.output.splitlines() if line]
-    assert len(lines) == 1 and "'tensorrt'" in lines[0] and "spine-edge[gpu]" in lines[0]
+    assert len(lines) == 1 and "'tensorrt'" in lines[0] and "spine-edge[gpu-cu12]" in lines[0]
     assert json.loads((bundle / "manifest.json").read_text()) == before
 
 
@@ -265,7 +265,8 @@ def test_tensorrt_plans_deserialise_with_the_right_io(tmp_path: Path) -> None:
     graphs = (("classifier", "fp32", "any", "c32.onnx"), ("classifier", "fp16", "any", "c16.onnx"),
               ("classifier", "int8", "tensorrt", "c8.onnx"))
     write_bundle(folder, graphs)
-    report = build_engines(folder, BuildConfig(target="tensorrt", workspace_mib=256))
+    # These stand-in graphs carry no tensor roles, so the parity check (tested below) is off here.
+    report = build_engines(folder, BuildConfig(target="tensorrt", workspace_mib=256, parity=False))
     assert report.ok, report.failed
     assert [m.precision for m in report.built] == ["fp32", "fp16", "int8"]
     gpu = load_cuda().device_info(0)
@@ -289,7 +290,7 @@ def test_tensorrt_plans_deserialise_with_the_right_io(tmp_path: Path) -> None:
     cache = folder / report.timing_cache
     assert cache.is_file() and cache.stat().st_size > 0
     # A second build reuses the persisted cache and replaces, not duplicates, the plans.
-    build_engines(folder, BuildConfig(target="tensorrt", precisions=("fp32",), workspace_mib=256))
+    build_engines(folder, BuildConfig(target="tensorrt", precisions=("fp32",), workspace_mib=256, parity=False))
     plans = [e for e in load_manifest(folder).models if e.format == "tensorrt"]
     assert sorted(e.precision for e in plans) == ["fp16", "fp32", "int8"]
     assert len(list((folder / "trt").glob("*.plan"))) == 3
@@ -303,7 +304,139 @@ def test_tensorrt_fp16_from_fp32_graph_where_the_builder_has_the_flag(tmp_path: 
         pytest.skip("TensorRT 11 builds FP16 only from FP16 graphs")
     folder = tmp_path / "b"
     write_bundle(folder, (("classifier", "fp32", "any", "c32.onnx"),))
-    report = build_engines(folder, BuildConfig(target="tensorrt", precisions=("fp16",), workspace_mib=256))
+    report = build_engines(folder, BuildConfig(target="tensorrt", precisions=("fp16",), workspace_mib=256, parity=False))
     assert report.ok and [m.precision for m in report.built] == ["fp16"]
     entry = load_manifest(folder).find("classifier", "fp16", "tensorrt")
     assert entry is not None and entry.build is not None and "fp16-flag" in entry.build.build_flags
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches and parity (CPU: the plan's place is taken by ONNX Runtime or a fake runner)
+
+
+def test_stale_ort_tensorrt_caches_are_cleared(tmp_path: Path) -> None:
+    from spine_edge.backends.onnxruntime import ORT_TENSORRT_CACHE, ort_tensorrt_cache_dir
+    from tests.spine_edge.bundle_factory import make_bundle
+
+    bundle = make_bundle(tmp_path)
+    manifest = load_manifest(bundle)
+    current = ort_tensorrt_cache_dir(bundle, manifest.models[0])
+    root = bundle / ORT_TENSORRT_CACHE
+    for folder in (current, root / "0123456789abcdef", root / "timing"):
+        folder.mkdir(parents=True)
+        (folder / "x.engine").write_bytes(b"engine")
+    (root / "TensorrtExecutionProvider_TRTKernel_graph_main_123.engine").write_bytes(b"name-keyed, old layout")
+    removed = engines.clear_stale_caches(bundle, manifest)
+    assert sorted(p.name for p in removed) == ["0123456789abcdef", "TensorrtExecutionProvider_TRTKernel_graph_main_123.engine"]
+    assert sorted(p.name for p in root.iterdir()) == sorted([current.name, "timing"])
+    assert engines.clear_stale_caches(tmp_path / "no-bundle-here", manifest) == ()
+
+
+def test_build_clears_stale_caches(bundle: Path) -> None:
+    stale = bundle / "cache" / "ort-tensorrt" / "ffffffffffffffff"
+    stale.mkdir(parents=True)
+    build_engines(bundle, CPU)
+    assert not stale.exists()
+
+
+def test_parity_set_round_trip_and_synthetic_fallback(tmp_path: Path) -> None:
+    spec = engines.TensorSpec("image", ("batch", 1, 8, 8), "uint8", "image")
+    synthetic = engines.load_parity_set(tmp_path, "classifier", spec)
+    assert synthetic.source == "synthetic" and synthetic.canvases.shape == (engines.SYNTHETIC_CANVASES, 1, 8, 8)
+    assert synthetic.canvases.dtype == np.uint8 and synthetic.canvases.std() > 10
+    np.testing.assert_array_equal(synthetic.canvases, engines.load_parity_set(tmp_path, "classifier", spec).canvases)
+    canvases = synthetic.canvases[:3]
+    path = engines.write_parity_set(tmp_path, "classifier", canvases, {"prob": np.array([0.1, 0.2, 0.3], np.float32)})
+    assert path == tmp_path / "parity" / "classifier.npz"
+    stored = engines.load_parity_set(tmp_path, "classifier", spec)
+    assert stored.source == "bundle" and list(stored.reference) == ["prob"]
+    np.testing.assert_array_equal(stored.canvases, canvases)
+    with pytest.raises(BundleError, match="do not fit input"):
+        engines.load_parity_set(tmp_path, "classifier", replace(spec, shape=("batch", 1, 16, 16)))
+    with pytest.raises(ValueError, match="rows for 3 canvases"):
+        engines.write_parity_set(tmp_path, "detector", canvases, {"yolo_raw": np.zeros((2, 11, 4), np.float32)})
+    assert engines.take_batch(canvases, 5).shape[0] == 5
+
+
+def _built(entry: engines.ModelEntry, precision: str, low: int, high: int) -> engines.ModelEntry:
+    build = engines.BuildInfo(builder="tensorrt", builder_version="10", device="gpu", source=entry.file,
+                              min_batch=low, opt_batch=low, max_batch=high)
+    return replace(entry, precision=precision, format="tensorrt", build=build)  # type: ignore[arg-type]
+
+
+def test_parity_check_passes_the_same_graph_and_refuses_a_broken_one(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from spine_edge.backends.onnxruntime import OnnxRuntimeBackend
+    from tests.spine_edge.bundle_factory import make_bundle
+
+    bundle = make_bundle(tmp_path)
+    manifest = load_manifest(bundle)
+    for role in ("classifier", "detector"):
+        source = manifest.find(role, "fp32", "onnx")
+        assert source is not None
+        entry = _built(source, "fp16", 1, 3)
+        parity = engines.load_parity_set(bundle, role, entry.inputs[0])
+        reference = engines.reference_outputs(bundle, manifest, role, parity.canvases)
+        with OnnxRuntimeBackend(bundle / source.file, provider="cpu") as same:
+            result = engines.check_parity(same, manifest, entry, parity, reference)
+        assert result.passed and result.batches == (1, 3), result.violations
+        record = result.to_record()
+        json.dumps(record, allow_nan=False)
+        assert record["passed"] and record["canvases"] == "synthetic" and record["gates"]["max_abs_dprob"] == 0.05
+
+    entry = _built(manifest.find("classifier", "fp32", "onnx"), "fp16", 2, 2)  # type: ignore[arg-type]
+    parity = engines.load_parity_set(bundle, "classifier", entry.inputs[0])
+    reference = engines.reference_outputs(bundle, manifest, "classifier", parity.canvases)
+
+    def broken(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(feeds["image"])
+        return {"prob": 1 - reference["prob"][:n], "cam": reference["cam"][:n]}
+
+    result = engines.check_parity(SimpleNamespace(infer=broken), manifest, entry, parity, reference)
+    assert not result.passed and result.batches == (2,)
+    assert result.violations[0].startswith("batch 2: max |Δprob|")
+
+
+@pytest.mark.gpu
+def test_tensorrt_build_proves_each_plan_against_onnxruntime(tmp_path: Path) -> None:
+    from tests.spine_edge.bundle_factory import make_bundle
+
+    bundle = make_bundle(tmp_path)
+    canvases = np.random.default_rng(5).integers(0, 256, (6, 1, 64, 64), dtype=np.uint8)
+    canvases[:3, :, 8:24, 8:24] = 250  # some abnormal images, some boxes
+    engines.write_parity_set(bundle, "classifier", canvases)
+    report = build_engines(bundle, BuildConfig(target="tensorrt", workspace_mib=256))
+    assert report.ok, report.failed
+    plans = [e for e in load_manifest(bundle).models if e.format == "tensorrt"]
+    assert plans and {e.role for e in plans} == {"classifier", "detector"}
+    for entry in plans:
+        assert entry.build is not None
+        parity = entry.build.parity
+        assert parity["passed"] and parity["batches"] == sorted({entry.build.min_batch, entry.build.max_batch})
+        assert parity["canvases"] == ("bundle" if entry.role == "classifier" else "synthetic")
+
+
+def test_parity_summary_is_one_line() -> None:
+    record = {"passed": True, "batches": [1, 8], "canvases": "bundle",
+              "classifier": [{"max_abs_dprob": 0.0012, "flips": 0}, {"max_abs_dprob": 0.003, "flips": 1}]}
+    assert engines.parity_summary(record) == "parity ok at batch 1/8 (bundle canvases), max |Δprob| 0.003, 1 flips"
+    detector = {"passed": False, "batches": [1], "canvases": "synthetic", "detector": [{"ap": 0.5}]}
+    assert engines.parity_summary(detector) == "parity FAILED at batch 1 (synthetic canvases), box AP 0.500 vs FP32"
+    assert engines.parity_summary({}) == ""
+
+
+def test_qdq_body_precision_is_reported(tmp_path: Path) -> None:
+    import onnx
+
+    from spine_edge.export.opcheck import qdq_body
+    from tests.export.conftest import tiny_classifier
+
+    int8, fp16 = tmp_path / "c8.onnx", tmp_path / "c16.onnx"
+    onnx.save(tiny_classifier("int8"), str(int8))
+    onnx.save(tiny_classifier("fp16"), str(fp16))
+    body = qdq_body(int8)
+    assert body.qdq_nodes >= 2 and body.float32_ops > 0 and body.float16_ops == 0 and body.fp32_body
+    assert "quantise the FP16 graph" in body.note()
+    plain = qdq_body(fp16)
+    assert plain.qdq_nodes == 0 and plain.float16_ops > plain.float32_ops and plain.note() == ""

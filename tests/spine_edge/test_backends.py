@@ -70,7 +70,9 @@ def test_missing_model_file_is_a_backend_error(tmp_path: Path) -> None:
 def test_provider_resolution() -> None:
     assert resolve_providers(None, ["AzureExecutionProvider", CPU]) == [CPU]
     assert resolve_providers(None, [CPU, CUDA, TRT]) == [TRT, CUDA, CPU]
-    assert resolve_providers("cuda", [TRT, CUDA, CPU]) == [CUDA, CPU]
+    # A GPU provider asked for by name runs without CPU fallback, so a node it cannot take fails loudly.
+    assert resolve_providers("cuda", [TRT, CUDA, CPU]) == [CUDA]
+    assert resolve_providers("tensorrt", [TRT, CUDA, CPU]) == [TRT, CUDA]
     assert resolve_providers("cpu", [TRT, CUDA, CPU]) == [CPU]
     with pytest.raises(BackendError, match=r"spine-edge\[gpu-ort\]"):
         resolve_providers("cuda", [CPU])
@@ -80,7 +82,7 @@ def test_provider_resolution() -> None:
 
 def test_silent_cpu_fallback_is_reported(caplog: pytest.LogCaptureFixture) -> None:
     path = Path("classifier.onnx")
-    with pytest.raises(BackendError, match="CUDAExecutionProvider did not start.*--provider cpu"):
+    with pytest.raises(BackendError, match=r"CUDAExecutionProvider did not start.*--provider cpu"):
         check_providers(path, [CUDA, CPU], [CPU], explicit=True)
     with caplog.at_level(logging.WARNING):
         assert check_providers(path, [TRT, CUDA, CPU], [CPU], explicit=False) == CPU
@@ -108,9 +110,9 @@ def test_optimized_file_from_another_onnxruntime_falls_back(tmp_path: Path, capl
 
 def test_selection_errors_name_what_is_missing(bundle: Path) -> None:
     manifest = load_manifest(bundle)
-    with pytest.raises(BundleError, match="no classifier TensorRT plan.*build-engines"):
+    with pytest.raises(BundleError, match=r"no classifier TensorRT plan.*build-engines"):
         select_model(manifest, "classifier", "fp16", "tensorrt")
-    with pytest.raises(BundleError, match="no detector ONNX file at precision int8.*it has: fp32 onnx"):
+    with pytest.raises(BundleError, match=r"no detector ONNX file at precision int8.*it has: fp32 onnx"):
         select_model(manifest, "detector", "int8", "onnxruntime", "cpu")
 
 
@@ -157,7 +159,7 @@ def test_plan_compatibility_check() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
 def test_tensorrt_backend_without_tensorrt_names_the_extra(tmp_path: Path) -> None:
-    with pytest.raises(MissingDependencyError, match=r"spine-edge\[gpu\]"):
+    with pytest.raises(MissingDependencyError, match=r"spine-edge\[gpu-cu12\]"):
         TensorRTBackend(tmp_path / "x.plan", _plan_build(), tmp_path).activate()
 
 
@@ -168,7 +170,7 @@ def test_tensorrt_backend_without_tensorrt_names_the_extra(tmp_path: Path) -> No
 def test_cuda_binding_without_driver_is_a_clear_error() -> None:
     from spine_edge.backends.cuda import load_cuda
 
-    with pytest.raises(BackendError, match="CUDA .* failed: .*nvidia-smi"):
+    with pytest.raises(BackendError, match=r"CUDA .* failed: .*nvidia-smi"):
         load_cuda()
 
 
@@ -233,3 +235,24 @@ def test_auto_backend_without_tensorrt_runs_plans_bundle_on_onnxruntime(tmp_path
     manifest = _with_plans(make_bundle(tmp_path), ("fp16",))
     selection = select_model(manifest, "classifier", "auto", "auto", "cpu")
     assert (selection.backend, selection.entry.format, selection.precision) == ("onnxruntime", "onnx", "fp32")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_onnxruntime_gpu_providers_run_strictly_and_match_the_cpu(tmp_path: Path, provider: str) -> None:
+    import onnxruntime as ort
+
+    from spine_edge.backends.onnxruntime import PROVIDERS
+
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        pytest.skip(f"{PROVIDERS[provider]} not in this onnxruntime (spine-edge[gpu-ort-cu12] installs it)")
+    bundle = make_bundle(tmp_path)
+    manifest = load_manifest(bundle)
+    selection = select_model(manifest, "classifier", "fp32", "onnxruntime", provider)  # type: ignore[arg-type]
+    x = _batch(3)
+    with create_backend(bundle, manifest, selection) as backend:
+        assert backend.provider == PROVIDERS[provider]
+        out = backend.infer({"image": x})
+    np.testing.assert_allclose(out["prob"], reference_classifier(x[:, 0], 8)[0], rtol=1e-3, atol=1e-4)
+    if provider == "tensorrt":
+        assert any((bundle / "cache" / "ort-tensorrt" / selection.entry.sha256[:16]).iterdir())
