@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from pathlib import Path
@@ -10,116 +9,88 @@ from types import FrameType
 
 import click
 
-from spine_edge.cascade import CascadeConfig
+from spine_edge.backends import BackendChoice, PrecisionChoice
+from spine_edge.backends.onnxruntime import ProviderChoice
 from spine_edge.cli import EXIT_USAGE, fail
-from spine_edge.dicomnet.common import Destination
+from spine_edge.cli.serve import cascade_config, cascade_options, dicom_options, gateway_config, quiet_dicom_log
+from spine_edge.config import field_default
 from spine_edge.dicomnet.gateway import DicomGateway
-from spine_edge.dicomnet.kiosk import dicom_config, run_listener
+from spine_edge.dicomnet.kiosk import run_listener
+from spine_edge.dicomnet.scp import ListenerConfig
 from spine_edge.errors import SpineEdgeError
 from spine_edge.service.worker import WorkerConfig
 
 
 @click.command()
 @click.option(
-    "--ae-title", default="SPINEEDGE", show_default=True, help="Our AE title (the called AE title senders use)."
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=field_default(ListenerConfig, "port"),
+    show_default=True,
+    help="DICOM port (0: a free one).",
 )
 @click.option(
-    "--port", type=click.IntRange(0, 65535), default=11112, show_default=True, help="DICOM port (0: a free one)."
+    "--host",
+    default=field_default(ListenerConfig, "host"),
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 opens it to the network.",
 )
-@click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Address to listen on; 0.0.0.0 opens it to the network."
-)
-@click.option(
-    "--allow-ae",
-    "allow_ae",
-    multiple=True,
-    metavar="AET",
-    help="Accept associations only from this calling AE title (repeat for more) [default: any].",
-)
+@dicom_options
 @click.option(
     "-o",
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("spine-edge-listen"),
     show_default=True,
-    help="Results folder: results.jsonl, pictures, inbox/, dicom/, outbox/.",
+    help="Results folder: results.jsonl, pictures, dicom-inbox/, dicom/, outbox/.",
 )
-@click.option(
-    "--dicom-out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where SR and Secondary Capture files go [default: OUT/dicom].",
-)
-@click.option(
-    "--send-to",
-    default=None,
-    metavar="HOST:PORT:AET",
-    help="Send every SR and SC to this PACS with C-STORE (durable outbox, retried until stored).",
-)
-@click.option("--no-heatmap-sc", is_flag=True, help="Do not write the heatmap as a second Secondary Capture.")
-@click.option(
-    "--bundle",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Bundle folder [default: $SPINE_EDGE_BUNDLE or runs/bundle].",
-)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
-@click.option(
-    "--provider",
-    type=click.Choice(["cpu", "cuda", "tensorrt"]),
-    default=None,
-    help="ONNX Runtime execution provider [default: fastest available].",
-)
-@click.option(
-    "--queue-size",
-    type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    help="Images waiting for the models; beyond it senders are told to retry.",
-)
+@cascade_options
 def listen(
-    ae_title: str,
     port: int,
     host: str,
+    ae_title: str,
     allow_ae: tuple[str, ...],
-    out: Path,
     dicom_out: Path | None,
     send_to: str | None,
     no_heatmap_sc: bool,
+    out: Path,
     bundle: Path | None,
-    precision: str,
-    backend: str,
-    provider: str | None,
+    precision: PrecisionChoice,
+    backend: BackendChoice,
+    provider: ProviderChoice | None,
+    batch_size: int,
+    threads: int | None,
     queue_size: int,
+    no_pictures: bool,
 ) -> None:
     """Receive radiographs by DICOM C-STORE, analyse each, write (and send) an SR and Secondary Captures.
 
     DX, CR and Secondary Capture images are analysed; reports, RT objects and presentation states
     are accepted and left alone; CT and MR are refused (and logged in results.jsonl). Runs until
-    SIGTERM or Ctrl-C; images received but not analysed are resumed at the next start.
+    SIGTERM or Ctrl-C; images received but not analysed are resumed at the next start. To take
+    HTTP uploads on the same models as well, run `spine-edge serve --dicom-port` instead.
     """
     try:
         worker_config = WorkerConfig(
-            cascade=CascadeConfig(bundle=bundle, precision=precision, backend=backend, provider=provider),  # type: ignore[arg-type]
+            cascade=cascade_config(bundle, precision, backend, provider, batch_size, threads),
             out=out.absolute(),
             queue_size=queue_size,
+            pictures=not no_pictures,
         )
-        config = dicom_config(
-            out.absolute(),
-            ae_title=ae_title,
+        config = gateway_config(
+            out,
             host=host,
             port=port,
-            allowed_calling_aes=allow_ae,
-            dicom_out=None if dicom_out is None else dicom_out.absolute(),
-            send_to=None if send_to is None else Destination.parse(send_to),
-            heatmap_sc=not no_heatmap_sc,
+            ae_title=ae_title,
+            allow_ae=allow_ae,
+            dicom_out=dicom_out,
+            send_to=send_to,
+            no_heatmap_sc=no_heatmap_sc,
         )
     except SpineEdgeError as exc:
         fail(exc, EXIT_USAGE)
         return
-    # highdicom logs every attribute module it copies at INFO: noise in a service's log.
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    quiet_dicom_log()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

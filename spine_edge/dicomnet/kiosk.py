@@ -27,8 +27,11 @@ from spine_edge.service.worker import InferenceWorker, QueueFull, WorkerConfig, 
 
 log = logging.getLogger(__name__)
 
-#: Folders under the service's output folder, unless chosen otherwise.
-INBOX_DIR = "inbox"
+#: Folders under the service's output folder, unless chosen otherwise. The inbox is not the HTTP
+#: uploads' ``inbox``: at start the gateway analyses every inbox image without a record and writes
+#: an SR for every ``ok`` record of an inbox image, so in one folder it would take HTTP uploads for
+#: received images.
+INBOX_DIR = "dicom-inbox"
 DICOM_OUT_DIR = "dicom"
 OUTBOX_DIR = "outbox"
 
@@ -54,7 +57,7 @@ def dicom_config(
         host: Address to listen on (127.0.0.1 unless the operator opens it up).
         port: DICOM port (0: a free one).
         allowed_calling_aes: Calling AE titles allowed; none allows any.
-        inbox: Received images; default ``out/inbox``.
+        inbox: Received images; default ``out/dicom-inbox``.
         dicom_out: SR and SC files; default ``out/dicom``.
         send_to: The PACS to send SR and SC to, or None.
         outbox: Files waiting for the PACS; default ``out/outbox``.

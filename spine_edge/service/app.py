@@ -8,7 +8,8 @@ Endpoints (JSON unless noted):
 
 ========================================  =====================================================
 ``GET /healthz``                          process alive (200)
-``GET /readyz``                           models loaded: bundle id, backend, precision, τ (503 if not)
+``GET /readyz``                           models loaded: bundle id, backend, precision, τ, the
+                                          DICOM listener's address if any (503 if not)
 ``POST /v1/predict``                      one image (multipart ``file`` or raw body) → its record
                                           (200 ok/refused, 422 unreadable, 413 too large,
                                           503 queue full + ``Retry-After``, 504 still running)
@@ -33,7 +34,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Where uploads are kept, relative to the worker's output folder (the record's ``source``).
+#: Where uploads are kept, relative to the worker's output folder (the record's ``source``). The DICOM
+#: listener of the same process has its own (see :mod:`spine_edge.dicomnet.kiosk`).
 INBOX_DIR = "inbox"
 #: Largest ``limit`` of ``GET /v1/results``.
 MAX_RESULTS = 1000
@@ -60,6 +62,24 @@ _PICTURES = ("image", "overlay", "heatmap")
 #: Paths served without a token: the page's static shell, which holds no patient data.
 _PUBLIC_PREFIXES = ("/static/",)
 _PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})
+
+
+@dataclass(frozen=True)
+class DicomEndpoint:
+    """Where the same process receives DICOM (``serve --dicom-port``), as ``/readyz`` reports it.
+
+    Attributes:
+        ae_title: The AE title senders call.
+        host: The address it is bound to.
+        port: Its TCP port (the one chosen when 0 was asked for).
+    """
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -72,12 +92,14 @@ class AppConfig:
         request_timeout: Seconds ``POST /v1/predict`` waits for its record before answering 504
             with the job id to poll.
         picture_timeout: Seconds a picture request waits for the PNG of a just-finished job.
+        dicom: The DICOM listener sharing the worker, reported by ``/readyz``; None when there is none.
     """
 
     max_upload_bytes: int = 64 * 2**20
     token: str | None = None
     request_timeout: float = 120.0
     picture_timeout: float = 10.0
+    dicom: DicomEndpoint | None = None
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1:
@@ -151,6 +173,7 @@ def create_app(
             "threshold": worker.threshold,
             "queue_size": worker.config.queue_size,
             "queued": stats.queued,
+            "dicom": None if config.dicom is None else asdict(config.dicom),
         }
         return JSONResponse(body, status_code=200 if worker.ready else 503)
 

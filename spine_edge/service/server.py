@@ -3,10 +3,15 @@
 The models load *before* the port opens, so a bundle that cannot run here fails the command at once
 with one line (exit 3) instead of a service that answers 503 forever; ``/readyz`` then reports
 ready from the first request on, and not ready again while the service stops.
+
+With :attr:`ServeConfig.dicom` the same worker also takes images by DICOM C-STORE (see
+:mod:`spine_edge.dicomnet.kiosk`): one process, one loaded Cascade, one queue, one results.jsonl.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -15,11 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from spine_edge.errors import SpineEdgeError
-from spine_edge.service.app import AppConfig, create_app
+from spine_edge.service.app import AppConfig, DicomEndpoint, create_app
 from spine_edge.service.worker import InferenceWorker, WorkerConfig
 from spine_edge.support import import_optional
+
+if TYPE_CHECKING:
+    # Only for the annotation: the DICOM side is imported when a run asks for it.
+    from spine_edge.dicomnet.gateway import DicomGatewayConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,8 @@ class ServeConfig:
         host: Address to bind; anything but loopback exposes the API to the network.
         port: TCP port; 0 picks a free one (printed at start).
         watch: Folders whose new files are also processed (see :mod:`spine_edge.watch`).
+        dicom: The DICOM listener on the same worker (see :func:`spine_edge.dicomnet.kiosk.dicom_config`);
+            None for HTTP (and watch folders) only.
     """
 
     worker: WorkerConfig
@@ -43,6 +55,7 @@ class ServeConfig:
     host: str = LOOPBACK
     port: int = 8000
     watch: tuple[Path, ...] = ()
+    dicom: DicomGatewayConfig | None = None
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -61,23 +74,44 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(config: ServeConfig, on_listening: Callable[[str], None] | None = None) -> None:
+def serve(config: ServeConfig, on_listening: Callable[[str, DicomEndpoint | None], None] | None = None) -> None:
     """Load the models, serve until a stop signal, then finish the queued jobs and release everything.
+
+    Start-up loads the models, binds the HTTP port, starts the DICOM gateway on the worker, then
+    serves HTTP. Shutdown stops HTTP, the watchers and the DICOM listener, lets the worker finish
+    the queued jobs (their SRs written), then stops the gateway's writer and outbox: nothing
+    accepted is left unfinished.
 
     Args:
         config: The run.
-        on_listening: Called with the base URL once the port is open (the CLI prints it).
+        on_listening: Called with the base URL and the DICOM listener (None without one) once both
+            accept connections (the CLI prints them).
 
     Raises:
-        MissingDependencyError: uvicorn / starlette / prometheus-client are not installed.
-        SpineEdgeError: The models, the output folder or the port are not usable.
+        MissingDependencyError: uvicorn / starlette / prometheus-client are not installed, or the
+            dicom extra (pynetdicom, highdicom) for :attr:`ServeConfig.dicom`.
+        SpineEdgeError: The models, the output folder or a port are not usable.
     """
     uvicorn = import_optional("uvicorn", "serve", "spine-edge serve")
     import_optional("starlette", "serve", "spine-edge serve")
     from spine_edge.watch import FolderWatcher, WatchConfig
 
-    with InferenceWorker(config.worker) as worker:
-        app = create_app(worker, config.app)
+    with contextlib.ExitStack() as stack:
+        worker = stack.enter_context(InferenceWorker(config.worker))
+        # Bound before the gateway starts: a busy HTTP port then fails the run before any DICOM
+        # sender hears "success" for an image this process would never analyse.
+        sock = stack.enter_context(bind(config.host, config.port))
+        app_config, gateway = config.app, None
+        if config.dicom is not None:
+            from spine_edge.dicomnet.kiosk import attach_dicom
+
+            # Leaving the stack stops it (its results writer and outbox) before the worker is released.
+            gateway = stack.enter_context(attach_dicom(worker, config.dicom))
+            listener = config.dicom.listener
+            app_config = dataclasses.replace(
+                app_config, dicom=DicomEndpoint(listener.ae_title, listener.host, gateway.listener.port)
+            )
+        app = create_app(worker, app_config)
         stop_watching = threading.Event()
         watchers = [
             threading.Thread(
@@ -88,7 +122,6 @@ def serve(config: ServeConfig, on_listening: Callable[[str], None] | None = None
             )
             for i, folder in enumerate(config.watch)
         ]
-        sock = bind(config.host, config.port)
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
         server = uvicorn.Server(
@@ -102,7 +135,7 @@ def serve(config: ServeConfig, on_listening: Callable[[str], None] | None = None
                 watcher.start()
             log.info("serving on %s", url)
             if on_listening is not None:
-                on_listening(url)
+                on_listening(url, app_config.dicom)
             server.run(sockets=[sock])
         except KeyboardInterrupt:
             pass  # uvicorn re-raised Ctrl-C after its graceful shutdown
@@ -111,8 +144,12 @@ def serve(config: ServeConfig, on_listening: Callable[[str], None] | None = None
             stop_watching.set()
             for watcher in watchers:
                 watcher.join()
-            sock.close()
+            if gateway is not None:
+                # No new associations, but the results writer keeps running while the worker
+                # drains, so the images already acknowledged get their SR now, not at the next start.
+                gateway.listener.stop()
             log.info("stopping: finishing queued jobs")
+            worker.stop()
 
 
 def _note_stop(signum: int, frame: FrameType | None) -> None:

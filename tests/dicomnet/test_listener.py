@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from spine_edge.bundle import load_manifest
 from spine_edge.dicom_writer import DicomUIDs, build_radiograph_dataset, write_dicom
 from spine_edge.dicomnet.common import derived_uid
+from spine_edge.dicomnet.kiosk import INBOX_DIR
 from spine_edge.dicomnet.sr import read_sr_findings
 from spine_edge.dicomnet.writer import HEATMAP_NAME, OVERLAY_NAME, SR_NAME
 from tests.dicomnet.programs import Listener, OrthancServer, dciodvfy, dcmtk, free_port, require_program
@@ -45,13 +47,16 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _radiograph(
     path: Path, uid: str, *, bright: bool, transfer_syntax: str, size: tuple[int, int] = (128, 256)
 ) -> Path:
-    pixels = np.full(size, 900, np.uint16)
+    # A textured dark background, as in tests/service's dark PNG: the input guard refuses a flat image as blank.
+    noise = cv2.GaussianBlur(np.random.default_rng(0).normal(0, 130, size).astype(np.float32), (0, 0), 3)
+    pixels = (np.linspace(400, 960, size[0], dtype=np.float32)[:, None] + noise).clip(0, 4095).astype(np.uint16)
     if bright:
         pixels[0:64, 128:192] = 4000  # one bright region: abnormal with one box (see the tiny bundle)
     dataset = build_radiograph_dataset(
         pixels,
         window=(2048, 4096),
         transfer_syntax=transfer_syntax,
+        pixel_spacing=(0.5, 0.5),  # 256 px cover 128 mm: the input guard refuses a spine under 60 mm
         uids=DicomUIDs(uid, STUDY, STUDY + ".1"),
         tags={"Modality": "DX", "BodyPartExamined": "LSPINE", **PATIENT},
     )
@@ -176,7 +181,7 @@ def test_other_objects_are_accepted_or_refused_and_the_allow_list_holds(bundle: 
         assert _store(port, multi_frame).returncode == 0
         listener.wait_records(2)
         deadline = time.monotonic() + 30
-        while not (out / "inbox" / "failed" / f"{unreadable_uid}.dcm").is_file() and time.monotonic() < deadline:
+        while not (out / INBOX_DIR / "failed" / f"{unreadable_uid}.dcm").is_file() and time.monotonic() < deadline:
             time.sleep(0.05)
         # A good copy of the instance that failed is analysed, not taken for a duplicate.
         fixed = _radiograph(tmp_path / "fixed.dcm", unreadable_uid, bright=False, transfer_syntax="explicit-little")
@@ -190,7 +195,7 @@ def test_other_objects_are_accepted_or_refused_and_the_allow_list_holds(bundle: 
     assert "refused: the bundle judges radiographs" in listener.log()
     assert failed["status"] == "error" and fixed_record["status"] == "ok"
     assert [p.name for p in (out / "dicom").iterdir()] == [unreadable_uid]  # no SR for refused or failed
-    assert [p.name for p in (out / "inbox").glob("*.dcm")] == [f"{unreadable_uid}.dcm"]  # nor for the report
+    assert [p.name for p in (out / INBOX_DIR).glob("*.dcm")] == [f"{unreadable_uid}.dcm"]  # nor for the report
 
 
 class _StallingProxy:
@@ -262,7 +267,7 @@ def test_killed_mid_transfer_nothing_half_written_and_restart_resumes_the_inbox(
         if sender.poll() is None:
             sender.kill()
     assert sender.returncode != 0, output  # the sender knows the image did not arrive and will retry
-    inbox = out / "inbox"
+    inbox = out / INBOX_DIR
     assert list(inbox.glob("*.dcm")) == [] and listener.records() == []
 
     # Acknowledged before a crash but never analysed: on disk in the inbox, no record yet.

@@ -91,3 +91,41 @@ def test_serve_with_a_broken_bundle_exits_3_with_one_line(tmp_path: Path) -> Non
     )
     assert result.returncode == 3, result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_dicom_options_without_dicom_port_are_a_usage_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*CLI, "serve", "-o", str(tmp_path / "out"), "--port", "0", "--send-to", "127.0.0.1:4242:ORTHANC"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("error: --send-to: only with --dicom-port (without it nothing listens for DICOM)")
+    assert not (tmp_path / "out").exists()  # refused before any model or folder was touched
+
+
+def test_serve_watch_and_listen_take_model_choices_and_defaults_from_the_configs() -> None:
+    from spine_edge.backends import BackendChoice, PrecisionChoice
+    from spine_edge.backends.onnxruntime import ProviderChoice
+    from spine_edge.cascade import CascadeConfig
+    from spine_edge.cli.listen import listen
+    from spine_edge.cli.serve import serve
+    from spine_edge.cli.watch import watch
+    from spine_edge.config import field_default, literal_values
+    from spine_edge.service.worker import WorkerConfig
+
+    expected = {
+        "precision": (literal_values(PrecisionChoice), field_default(CascadeConfig, "precision")),
+        "backend": (literal_values(BackendChoice), field_default(CascadeConfig, "backend")),
+        "provider": (literal_values(ProviderChoice), field_default(CascadeConfig, "provider")),
+        "batch_size": (None, field_default(CascadeConfig, "batch_size")),
+        "queue_size": (None, field_default(WorkerConfig, "queue_size")),
+    }
+    for command in (serve, watch, listen):
+        params = {p.name: p for p in command.params}
+        for name, (choices, default) in expected.items():
+            param = params[name]
+            assert param.default == default, (command.name, name)
+            if choices is not None:
+                assert tuple(param.type.choices) == choices, (command.name, name)  # type: ignore[attr-defined]

@@ -51,6 +51,7 @@ def test_infer_options_take_the_config_defaults() -> None:
     fields = {
         "out": (InferConfig, "out"),
         "resume": (InferConfig, "resume"),
+        "resume_any": (InferConfig, "resume_any"),
         "overlays": (InferConfig, "overlays"),
         "bundle": (CascadeConfig, "bundle"),
         "precision": (CascadeConfig, "precision"),
@@ -59,6 +60,8 @@ def test_infer_options_take_the_config_defaults() -> None:
         "batch_size": (CascadeConfig, "batch_size"),
         "force_detector": (CascadeConfig, "force_detector"),
         "workers": (CascadeConfig, "read_workers"),
+        "guard": (CascadeConfig, "guard"),
+        "ood": (CascadeConfig, "ood"),
     }
     assert set(options) - {"help"} == set(fields)
     for name, (cls, field) in fields.items():

@@ -61,7 +61,8 @@ async function refreshStatus() {
     const body = await response.json();
     box.dataset.state = body.ready ? "ready" : "down";
     box.textContent = (body.ready ? "Ready" : "Not ready") +
-      ` · ${body.backend} ${body.precision} · bundle ${body.bundle_id}`;
+      ` · ${body.backend} ${body.precision} · bundle ${body.bundle_id}` +
+      (body.dicom ? ` · DICOM ${body.dicom.ae_title}@${body.dicom.host}:${body.dicom.port}` : "");
   } catch (err) {
     box.dataset.state = "down";
     box.textContent = "Service unreachable";
