@@ -91,8 +91,11 @@ class TruthSet:
 
     def describe(self) -> dict[str, Any]:
         """Counts for the report."""
-        return {"images": len(self), "abnormal": int(self.labels.sum()),
-                "boxes": int(sum(len(b.classes) for b in self.boxes))}
+        return {
+            "images": len(self),
+            "abnormal": int(self.labels.sum()),
+            "boxes": int(sum(len(b.classes) for b in self.boxes)),
+        }
 
 
 def truth_from_records(records: Sequence[ImageRecord]) -> TruthSet:
@@ -156,7 +159,7 @@ def _read(path: Path) -> np.ndarray | str:
         return read_image(path).image
     except ImageReadError as exc:
         return exc.reason + (f" ({exc.hint})" if exc.hint else "")
-    except Exception as exc:  # a decoder's own bug must cost one image, not the whole benchmark
+    except Exception as exc:  # noqa: BLE001 -- a decoder's own bug must cost one image, not the whole benchmark
         return f"unexpected {type(exc).__name__}: {exc}"
 
 
@@ -228,8 +231,7 @@ def collect_predictions(
     if chunk:
         flush()
     return {
-        label: Predictions(probs[label], tuple(detections[label]), tuple(sorted(errors[label])))
-        for label in cascades
+        label: Predictions(probs[label], tuple(detections[label]), tuple(sorted(errors[label]))) for label in cascades
     }
 
 
@@ -271,21 +273,23 @@ class PrecisionAccuracy:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (NaN written as null)."""
-        return json_safe({
-            "label": self.label,
-            "classification": self.classification.to_dict(),
-            "detector": self.detector.to_dict(),
-            "cascade": self.cascade.to_dict(),
-            "delta_auroc_pt": self.delta_auroc_pt,
-            "delta_map50_pt": self.delta_map50_pt,
-            "delta_map50_95_pt": self.delta_map50_95_pt,
-            "delta_cascade_map50_pt": self.delta_cascade_map50_pt,
-            "flips": self.flips,
-            "max_abs_dprob": self.max_abs_dprob,
-            "positives": self.positives,
-            "classifier_verdict": None if self.classifier_verdict is None else self.classifier_verdict.to_dict(),
-            "detector_verdict": None if self.detector_verdict is None else self.detector_verdict.to_dict(),
-        })
+        return json_safe(
+            {
+                "label": self.label,
+                "classification": self.classification.to_dict(),
+                "detector": self.detector.to_dict(),
+                "cascade": self.cascade.to_dict(),
+                "delta_auroc_pt": self.delta_auroc_pt,
+                "delta_map50_pt": self.delta_map50_pt,
+                "delta_map50_95_pt": self.delta_map50_95_pt,
+                "delta_cascade_map50_pt": self.delta_cascade_map50_pt,
+                "flips": self.flips,
+                "max_abs_dprob": self.max_abs_dprob,
+                "positives": self.positives,
+                "classifier_verdict": None if self.classifier_verdict is None else self.classifier_verdict.to_dict(),
+                "detector_verdict": None if self.detector_verdict is None else self.detector_verdict.to_dict(),
+            }
+        )
 
 
 def valid_indices(predictions: Mapping[str, Predictions]) -> list[int]:
@@ -413,8 +417,14 @@ def write_coco_files(
             path = folder / f"predictions_{label}_{kind}.json"
             written.append(write_text_atomic(path, json.dumps(coco_detections(boxes))))
         images = [
-            {"id": i + 1, "image_id": image_id, "file_name": truth.paths[i].name, "abnormal": int(truth.labels[i]),
-             "probability": float(prob), "decision": bool(prob >= threshold)}
+            {
+                "id": i + 1,
+                "image_id": image_id,
+                "file_name": truth.paths[i].name,
+                "abnormal": int(truth.labels[i]),
+                "probability": float(prob),
+                "decision": bool(prob >= threshold),
+            }
             for i, (image_id, prob) in enumerate(zip(truth.image_ids, pred.probs, strict=True))
         ]
         path = folder / f"classification_{label}.json"

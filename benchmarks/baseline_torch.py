@@ -153,8 +153,14 @@ def run_torch_baseline(
         del ensemble
         detector = yolo_cls(str(detector_path), task="detect")
         info = manifest.detector
-        options = {"imgsz": info.input_size, "conf": info.conf_threshold, "iou": info.iou_threshold,
-                   "max_det": info.max_det, "device": "cpu", "verbose": False}
+        options = {
+            "imgsz": info.input_size,
+            "conf": info.conf_threshold,
+            "iou": info.iou_threshold,
+            "max_det": info.max_det,
+            "device": "cpu",
+            "verbose": False,
+        }
         inference_ms, predict_ms = [], []
         for i, image in enumerate(order):
             start = time.perf_counter()

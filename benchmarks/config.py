@@ -153,7 +153,9 @@ def plan_precisions(manifest: Manifest, config: BenchConfig) -> BenchPlan:
 def _has_tensorrt_int8(manifest: Manifest, provider: ProviderChoice | None) -> bool:
     """Whether the bundle has TensorRT INT8 graphs for both roles that ONNX Runtime would not load by itself here."""
     own = select_model(manifest, "classifier", "int8", "onnxruntime", provider).entry.target
-    both = all(manifest.find(role, "int8", "onnx", target="tensorrt") is not None for role in ("classifier", "detector"))
+    both = all(
+        manifest.find(role, "int8", "onnx", target="tensorrt") is not None for role in ("classifier", "detector")
+    )
     return both and own != "tensorrt"
 
 

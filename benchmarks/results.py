@@ -64,10 +64,16 @@ class GateResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
-        return {"name": self.name, "precision": self.precision,
-                "measured": self.measured if math.isfinite(self.measured) else None,
-                "limit": self.limit, "unit": self.unit, "passed": self.passed, "verdict": self.verdict or None,
-                "message": self.message()}
+        return {
+            "name": self.name,
+            "precision": self.precision,
+            "measured": self.measured if math.isfinite(self.measured) else None,
+            "limit": self.limit,
+            "unit": self.unit,
+            "passed": self.passed,
+            "verdict": self.verdict or None,
+            "message": self.message(),
+        }
 
 
 @dataclass(frozen=True)
@@ -210,8 +216,18 @@ def verdict_gates(label: str, classifier: RoleVerdict | None, detector: RoleVerd
     for name, verdict in (("ΔAUROC", classifier), ("ΔmAP@0.5 (detector)", detector)):
         if verdict is not None:
             task = verdict.task
-            gates.append(GateResult(f"{label} {name} vs {REFERENCE}", label, task.delta_pt, task.gate_pt, "pt",
-                                    _PASSED[verdict.verdict], verdict.verdict, verdict.describe()))
+            gates.append(
+                GateResult(
+                    f"{label} {name} vs {REFERENCE}",
+                    label,
+                    task.delta_pt,
+                    task.gate_pt,
+                    "pt",
+                    _PASSED[verdict.verdict],
+                    verdict.verdict,
+                    verdict.describe(),
+                )
+            )
     return gates
 
 

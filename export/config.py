@@ -7,10 +7,9 @@ them with :func:`field_default` when click asks for them).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from spine_edge.config import field_default as field_default  # re-exported for the export CLI
 from spine_edge.errors import SpineEdgeError

@@ -29,12 +29,21 @@ import onnx
 
 #: Weighted ops that run integer arithmetic on ONNX Runtime's CPU provider (any domain).
 INT8_OPS = frozenset(
-    {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat",
-     "DynamicQuantizeMatMul", "NhwcQLinearConv"}
+    {
+        "QLinearConv",
+        "ConvInteger",
+        "MatMulInteger",
+        "QLinearMatMul",
+        "QGemm",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "NhwcQLinearConv",
+    }
 )
 #: Weighted ops that run float arithmetic.
-FLOAT_OPS = frozenset({"Conv", "ConvTranspose", "FusedConv", "NhwcFusedConv", "MatMul", "FusedMatMul", "Gemm",
-                       "FusedGemm"})
+FLOAT_OPS = frozenset(
+    {"Conv", "ConvTranspose", "FusedConv", "NhwcFusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm"}
+)
 #: The FP32 ops whose arithmetic the share is counted over.
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 #: What ONNX Runtime appends to a node name it rewrites (layout transforms at ``ORT_ENABLE_ALL``).

@@ -374,7 +374,9 @@ class Evaluation:
             run.cam,
             self.settings.bootstrap,
         )
-        return ClassifierComparison(evaluate_classification(self.data.labels, run.prob, self.settings.threshold), verdict)
+        return ClassifierComparison(
+            evaluate_classification(self.data.labels, run.prob, self.settings.threshold), verdict
+        )
 
     def compare_detector(self, detections: Sequence[ImageBoxes], precision: str) -> DetectorComparison:
         """Score detections and judge them against FP32's with the gates of ``precision``."""

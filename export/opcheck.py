@@ -251,14 +251,24 @@ def check_trt_ops(onnx_path: str | Path, op_list: TrtOpList | None = None) -> Op
     caveats: list[tuple[str, str, str, str]] = []
     if not ops.opset_min <= opset <= ops.opset_max:
         unsupported.append(
-            ("opset", "", "(model)", f"default-domain opset {opset} is outside {ops.opset_min}–{ops.opset_max}; "
-             f"re-export with an opset in that range (the design uses 17)")
+            (
+                "opset",
+                "",
+                "(model)",
+                f"default-domain opset {opset} is outside {ops.opset_min}–{ops.opset_max}; "
+                f"re-export with an opset in that range (the design uses 17)",
+            )
         )
     for name, node in _walk(model.graph):
         if node.domain not in _DEFAULT_DOMAINS:
             unsupported.append(
-                (node.op_type, node.domain, name, "operator of a non-standard domain: TensorRT needs a plugin for it; "
-                 "export without ONNX Runtime contrib/fused ops (no ORT-optimised graph as TensorRT input)")
+                (
+                    node.op_type,
+                    node.domain,
+                    name,
+                    "operator of a non-standard domain: TensorRT needs a plugin for it; "
+                    "export without ONNX Runtime contrib/fused ops (no ORT-optimised graph as TensorRT input)",
+                )
             )
         elif node.op_type not in ops.ops:
             unsupported.append((node.op_type, node.domain, name, "not supported by TensorRT's ONNX parser"))
@@ -330,8 +340,10 @@ def _missing_zero_point_problem(node: onnx.NodeProto, consts: dict[str, onnx.Ten
     if node.op_type == "QuantizeLinear":
         dtype = _attr(node, "output_dtype", 0) or onnx.TensorProto.UINT8
         if dtype != onnx.TensorProto.INT8:
-            return (f"no zero point, so the output is {onnx.TensorProto.DataType.Name(dtype).lower()}; "
-                    "TensorRT needs int8 with an int8 zero point of 0")
+            return (
+                f"no zero point, so the output is {onnx.TensorProto.DataType.Name(dtype).lower()}; "
+                "TensorRT needs int8 with an int8 zero point of 0"
+            )
         return ""
     source = consts.get(node.input[0])
     if source is not None and source.data_type != onnx.TensorProto.INT8:
@@ -366,8 +378,10 @@ class QdqBody:
             return ""
         line = f"{self.path}: Q/DQ graph body: {self.float16_ops} float16 ops, {self.float32_ops} float32 ops"
         if self.fp32_body:
-            line += ("; TensorRT runs the unquantised ops in FP32 under strong typing, so this INT8 plan is unlikely "
-                     "to beat FP16: quantise the FP16 graph for TensorRT")
+            line += (
+                "; TensorRT runs the unquantised ops in FP32 under strong typing, so this INT8 plan is unlikely "
+                "to beat FP16: quantise the FP16 graph for TensorRT"
+            )
         return line
 
 

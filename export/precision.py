@@ -49,8 +49,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from spine_edge.export.bundle_writer import write_onnx
 from spine_edge.errors import DatasetError
+from spine_edge.export.bundle_writer import write_onnx
 from spine_edge.preprocess import letterbox
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,16 @@ _FLOAT = TensorProto.FLOAT
 _HALF = TensorProto.FLOAT16
 _FP16_MAX = float(np.finfo(np.float16).max)
 #: Ops whose output type comes from an attribute, not from an input type constraint.
-_ATTRIBUTE_TYPED = {"ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
-                    "RandomUniformLike", "Multinomial", "Bernoulli"}
+_ATTRIBUTE_TYPED = {
+    "ConstantOfShape",
+    "EyeLike",
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+}
 _CONV_OPS = {"Conv", "ConvTranspose"}
 #: Ops with weights: what :func:`keep_float` keeps in float, and what keeps reading quantised inputs.
 _WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -271,7 +279,9 @@ def emulate_fp16(fp16_model: onnx.ModelProto) -> onnx.ModelProto:
             name = node.input[i]
             if name not in widened:
                 widened[name] = f"{name}__emu_fp32"
-                rewritten.append(helper.make_node("Cast", [name], [widened[name]], name=f"{name}__emu_widen", to=_FLOAT))
+                rewritten.append(
+                    helper.make_node("Cast", [name], [widened[name]], name=f"{name}__emu_widen", to=_FLOAT)
+                )
             node.input[i] = widened[name]
         rewritten.append(node)
         for i in halves_out:
@@ -309,6 +319,7 @@ def quiet_onnxruntime() -> Iterator[None]:
             yield
     finally:
         root.removeFilter(chatter)
+
 
 QuantTarget = Literal["tensorrt", "onnxruntime"]
 CalibrationMethodName = Literal["minmax", "percentile"]
@@ -574,8 +585,9 @@ QUANTIZE_SETTINGS: dict[QuantTarget, QuantizeSettings] = {
     "tensorrt": QuantizeSettings("tensorrt", "int8", symmetric_activations=True, quantize_bias=False),
     # Measured on this AVX2 CPU (no VNNI), trained YOLO11n at 320 px: U8S8 with 8-bit weights lost
     # 4.4 mAP@0.5 points to saturation, with 7-bit weights 0.2.
-    "onnxruntime": QuantizeSettings("onnxruntime", "uint8", symmetric_activations=False, quantize_bias=True,
-                                    reduce_range=True),
+    "onnxruntime": QuantizeSettings(
+        "onnxruntime", "uint8", symmetric_activations=False, quantize_bias=True, reduce_range=True
+    ),
 }
 
 
@@ -741,8 +753,11 @@ def keep_float(qdq: onnx.ModelProto, fp32: onnx.ModelProto, names: Iterable[str]
     outputs = {o.name for o in graph.output}
     while True:
         used = outputs | {name for node in graph.node for name in node.input}
-        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and
-                not any(o in used for o in n.output)]
+        dead = [
+            n
+            for n in graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in used for o in n.output)
+        ]
         if not dead:
             break
         for node in dead:

@@ -295,7 +295,9 @@ def int8_description(target: prec.QuantTarget, calibration: prec.CalibrationResu
     return f"INT8 Q/DQ for {target}: {kind}; {calibration.method} calibration on {calibration.images} images."
 
 
-def sensitivity_canvases(calibration: CalibrationSet, count: int, sizes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def sensitivity_canvases(
+    calibration: CalibrationSet, count: int, sizes: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """The first ``count`` calibration images as classifier and detector canvases, for the per-layer sensitivity.
 
     Calibration (train) images, not evaluation ones: the layer ranking needs no labels, and the
@@ -347,8 +349,10 @@ def build_int8_variant(
         det_images,
     )
     graphs = []
-    for role, search, result in (("classifier", cls_search, calibration.classifier),
-                                 ("detector", det_search, calibration.detector)):
+    for role, search, result in (
+        ("classifier", cls_search, calibration.classifier),
+        ("detector", det_search, calibration.detector),
+    ):
         notes = f"{int8_description(target, result)} {search.coverage.describe()}, counted after ONNX Runtime's optimisation"
         # ONNX Runtime's CPU fusion wants int32 biases; TensorRT fuses these float-bias Q/DQ convs itself.
         notes += " (CPU: a lower bound for the TensorRT engine)." if target == "tensorrt" else "."

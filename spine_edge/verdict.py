@@ -139,9 +139,7 @@ def _class_tables(
     truth: Sequence[ImageBoxes], detections: Sequence[ImageBoxes], iou: float, max_dets: int
 ) -> dict[int, _ClassTable]:
     """Match detections to ground truth once per image and class, as COCOeval's ``evaluateImg`` does."""
-    classes = sorted(
-        {int(c) for boxes in (*truth, *detections) for c in np.asarray(boxes.classes).ravel().tolist()}
-    )
+    classes = sorted({int(c) for boxes in (*truth, *detections) for c in np.asarray(boxes.classes).ravel().tolist()})
     tables = {}
     for cls in classes:
         scores, hits, images = [], [], []

@@ -104,7 +104,9 @@ class ModelSelection:
 
 
 def _missing(manifest: Manifest, role: Role, what: str, fmt: str | None = None) -> BundleError:
-    have = ", ".join(f"{e.precision} {e.format}" for e in manifest.models if e.role == role and (fmt is None or e.format == fmt))
+    have = ", ".join(
+        f"{e.precision} {e.format}" for e in manifest.models if e.role == role and (fmt is None or e.format == fmt)
+    )
     return BundleError(f"the bundle has no {role} {what} (it has: {have or 'nothing'})")
 
 
@@ -117,11 +119,16 @@ def _select_tensorrt(manifest: Manifest, role: Role, precision: PrecisionChoice)
         if entry is not None:
             return ModelSelection(entry, "tensorrt")
     err = _missing(manifest, role, f"TensorRT plan at precision {precision}", "tensorrt")
-    raise BundleError(f"{err}; build the plans on this box with `spine-edge build-engines`, or use --backend onnxruntime")
+    raise BundleError(
+        f"{err}; build the plans on this box with `spine-edge build-engines`, or use --backend onnxruntime"
+    )
 
 
 def _select_onnxruntime(
-    manifest: Manifest, role: Role, precision: PrecisionChoice, provider: ProviderChoice | None,
+    manifest: Manifest,
+    role: Role,
+    precision: PrecisionChoice,
+    provider: ProviderChoice | None,
     graph_target: GraphTarget | None = None,
 ) -> ModelSelection:
     if precision == "bf16":
@@ -140,7 +147,9 @@ def _select_onnxruntime(
             log.warning(
                 "%s: prepared for onnxruntime %s on %s, this box has onnxruntime %s on %s; using the plain ONNX "
                 "file (slower start): rerun `spine-edge build-engines` here",
-                optimized.file, *built, *here,
+                optimized.file,
+                *built,
+                *here,
             )
     # Symmetric Q/DQ graphs are what TensorRT fuses; U8S8 ones are what the CPU runs fast.
     target = graph_target or ("tensorrt" if running in TENSORRT_PROVIDERS else "onnxruntime")
@@ -158,12 +167,16 @@ def _select_openvino(manifest: Manifest, role: Role, precision: PrecisionChoice)
     """OpenVINO runs the ONNX file itself: FP32 (also for BF16, a compile hint) or the symmetric INT8 graph."""
     import_openvino()
     if precision == "fp16":
-        raise BundleError("OpenVINO on a CPU runs fp32, bf16 or int8, not fp16: choose one of those, or --backend tensorrt")
+        raise BundleError(
+            "OpenVINO on a CPU runs fp32, bf16 or int8, not fp16: choose one of those, or --backend tensorrt"
+        )
     want: Precision = "int8" if precision == "int8" else "fp32"
     # The symmetric Q/DQ graph is the one TensorRT builds: one INT8 graph, proven at export, on the GPU and the CPU.
     entry = manifest.find(role, want, "onnx", target="tensorrt")
     if entry is None:
-        raise _missing(manifest, role, f"ONNX file at precision {want} for OpenVINO (the TensorRT-target graph)", "onnx")
+        raise _missing(
+            manifest, role, f"ONNX file at precision {want} for OpenVINO (the TensorRT-target graph)", "onnx"
+        )
     return ModelSelection(entry, "openvino", compute="bf16" if precision == "bf16" else "fp32")
 
 
@@ -177,7 +190,10 @@ def _openvino_measured_faster(manifest: Manifest, role: Role, precision: Precisi
     if (entry.build.builder_version, entry.build.device) != here:
         log.info(
             "%s: OpenVINO was measured faster with openvino %s on %s; this box has openvino %s on %s: using ONNX "
-            "Runtime (rerun `spine-edge build-engines` here)", role, entry.build.builder_version, entry.build.device,
+            "Runtime (rerun `spine-edge build-engines` here)",
+            role,
+            entry.build.builder_version,
+            entry.build.device,
             *here,
         )
         return False
@@ -268,7 +284,10 @@ def create_backend(
         # Compiling a paper-size graph takes seconds: the compiled model is cached in the bundle, keyed by
         # the graph's sha256 (build-engines fills it).
         return OpenVinoBackend(
-            path, precision=selection.compute, threads=threads, cache_dir=openvino_cache_dir(bundle, entry),
+            path,
+            precision=selection.compute,
+            threads=threads,
+            cache_dir=openvino_cache_dir(bundle, entry),
             inputs=entry.inputs,
         )
     gpu = GpuSettings(
@@ -282,7 +301,11 @@ def create_backend(
         int8=entry.precision == "int8",
     )
     return OnnxRuntimeBackend(
-        path, provider=selection.provider, threads=threads, pre_optimized=selection.pre_optimized, gpu=gpu,
+        path,
+        provider=selection.provider,
+        threads=threads,
+        pre_optimized=selection.pre_optimized,
+        gpu=gpu,
         inputs=entry.inputs,
     )
 

@@ -148,7 +148,9 @@ class Backend(abc.ABC):
         for name, spec in specs.items():
             array = feeds[name]
             if array.dtype != np.dtype(spec.dtype):
-                raise BackendError(f"{self.path.name}: input {name!r} has dtype {array.dtype}, the graph expects {spec.dtype}")
+                raise BackendError(
+                    f"{self.path.name}: input {name!r} has dtype {array.dtype}, the graph expects {spec.dtype}"
+                )
             if array.ndim != len(spec.shape):
                 raise BackendError(
                     f"{self.path.name}: input {name!r} has shape {array.shape}, the graph expects rank {len(spec.shape)}"

@@ -27,10 +27,17 @@ DRIVER_HINT = (
 
 
 #: cudaError_t names that mean the driver, not the program, is the problem.
-_DRIVER_ERRORS = frozenset({
-    "cudaErrorInsufficientDriver", "cudaErrorNoDevice", "cudaErrorInitializationError", "cudaErrorStubLibrary",
-    "cudaErrorSystemDriverMismatch", "cudaErrorCompatNotSupportedOnDevice", "cudaErrorCallRequiresNewerDriver",
-})
+_DRIVER_ERRORS = frozenset(
+    {
+        "cudaErrorInsufficientDriver",
+        "cudaErrorNoDevice",
+        "cudaErrorInitializationError",
+        "cudaErrorStubLibrary",
+        "cudaErrorSystemDriverMismatch",
+        "cudaErrorCompatNotSupportedOnDevice",
+        "cudaErrorCallRequiresNewerDriver",
+    }
+)
 
 
 def _hint(err: Any) -> str:
@@ -200,6 +207,8 @@ def load_cuda(device: int | None = None) -> CudaApi:
         raise BackendError("no CUDA device found: run on the GPU box, or use --backend onnxruntime")
     if device is not None:
         if not 0 <= device < count:
-            raise BackendError(f"CUDA device {device} does not exist (this box has {count}: 0..{count - 1}); fix --device")
+            raise BackendError(
+                f"CUDA device {device} does not exist (this box has {count}: 0..{count - 1}); fix --device"
+            )
         api.set_device(device)
     return api

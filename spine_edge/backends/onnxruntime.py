@@ -117,7 +117,11 @@ class GpuSettings:
     int8: bool = False
 
     def __post_init__(self) -> None:
-        if self.device < 0 or self.workspace_mib < 1 or (self.gpu_mem_limit_mib is not None and self.gpu_mem_limit_mib < 1):
+        if (
+            self.device < 0
+            or self.workspace_mib < 1
+            or (self.gpu_mem_limit_mib is not None and self.gpu_mem_limit_mib < 1)
+        ):
             raise ValueError(
                 f"device must be >= 0 and sizes >= 1 MiB, got device {self.device}, workspace {self.workspace_mib}, "
                 f"memory limit {self.gpu_mem_limit_mib}"
@@ -204,7 +208,9 @@ def _register_rtx_plugin(ort: Any) -> str:
     try:
         register(name, plugin.get_library_path())
     except Exception as exc:  # onnxruntime's pybind errors; re-raised as the project's
-        raise BackendError(f"the TensorRT-RTX plugin does not load ({exc}); check the NVIDIA driver with nvidia-smi") from exc
+        raise BackendError(
+            f"the TensorRT-RTX plugin does not load ({exc}); check the NVIDIA driver with nvidia-smi"
+        ) from exc
     return name
 
 
@@ -251,6 +257,7 @@ def _preload_gpu_libraries(ort: Any, tensorrt: bool) -> None:
             importlib.import_module("tensorrt")
         except (ImportError, OSError) as exc:  # the provider then reports what it cannot load
             log.debug("tensorrt does not import (%s): the TensorRT provider looks for libnvinfer itself", exc)
+
 
 _ORT_DTYPES = {
     "tensor(uint8)": "uint8",
@@ -417,7 +424,9 @@ class OnnxRuntimeBackend(Backend):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_DISABLE_ALL if self.pre_optimized else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            if self.pre_optimized
+            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         )
         options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         if strict:
@@ -443,11 +452,18 @@ class OnnxRuntimeBackend(Backend):
         on_cpu = self._assignment.get(PROVIDERS["cpu"], {})
         if self._running in GPU_PROVIDERS and on_cpu:
             log.warning(
-                "%s: %d nodes run on the CPU, not on %s: %s", self.path.name, sum(on_cpu.values()), self._running,
+                "%s: %d nodes run on the CPU, not on %s: %s",
+                self.path.name,
+                sum(on_cpu.values()),
+                self._running,
                 ", ".join(f"{op}×{n}" for op, n in on_cpu.items()),
             )
         self._specs = {
-            arg.name: TensorSpec(arg.name, tuple(d if isinstance(d, int) else str(d) for d in arg.shape), _ORT_DTYPES.get(arg.type, arg.type))
+            arg.name: TensorSpec(
+                arg.name,
+                tuple(d if isinstance(d, int) else str(d) for d in arg.shape),
+                _ORT_DTYPES.get(arg.type, arg.type),
+            )
             for arg in self._session.get_inputs()
         }
         self._outputs = tuple(arg.name for arg in self._session.get_outputs())

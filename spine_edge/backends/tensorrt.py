@@ -221,8 +221,14 @@ class TensorRTBackend(Backend):
             self._first_error = exc
             self._deactivate()
             raise
-        log.info("%s: TensorRT %s on %s (device %d, %s)", self.path.name, trt.__version__, gpu.name, self.device,
-                 cuda.binding)
+        log.info(
+            "%s: TensorRT %s on %s (device %d, %s)",
+            self.path.name,
+            trt.__version__,
+            gpu.name,
+            self.device,
+            cuda.binding,
+        )
 
     def _allocate(self, trt: Any) -> None:
         engine, context, cuda = self._engine, self._context, self._cuda
@@ -235,8 +241,10 @@ class TensorRTBackend(Backend):
             profile = tuple(engine.get_tensor_profile_shape(name, 0)[2]) if -1 in shape else None
             input_max[name] = buffer_shape(name, shape, profile)
             if not context.set_input_shape(name, input_max[name]):
-                raise BackendError(f"{self.path.name}: TensorRT rejected the profile's largest shape {input_max[name]} "
-                                   f"for input {name!r}; rebuild the plan with spine-edge build-engines {self.bundle}")
+                raise BackendError(
+                    f"{self.path.name}: TensorRT rejected the profile's largest shape {input_max[name]} "
+                    f"for input {name!r}; rebuild the plan with spine-edge build-engines {self.bundle}"
+                )
         self._stream = cuda.stream_create()
         for name in names:
             is_input = name in input_max
@@ -288,7 +296,9 @@ class TensorRTBackend(Backend):
         for name, array in feeds.items():
             binding = self._bindings[name]
             if any(d > m for d, m in zip(array.shape, binding.max_shape, strict=True)):
-                raise BackendError(f"{self.path.name}: input {name!r} shape {array.shape} exceeds the plan's {binding.max_shape}")
+                raise BackendError(
+                    f"{self.path.name}: input {name!r} shape {array.shape} exceeds the plan's {binding.max_shape}"
+                )
             if not context.set_input_shape(name, array.shape):
                 raise BackendError(f"{self.path.name}: TensorRT rejected input shape {array.shape} for {name!r}")
             staged = binding.host[: array.nbytes]
@@ -306,7 +316,10 @@ class TensorRTBackend(Backend):
         cuda.stream_synchronize(self._stream)
         # Copies: the pinned buffers are overwritten by the next batch.
         return {
-            name: binding.host[: math.prod(shapes[name]) * binding.dtype.itemsize].view(binding.dtype).reshape(shapes[name]).copy()
+            name: binding.host[: math.prod(shapes[name]) * binding.dtype.itemsize]
+            .view(binding.dtype)
+            .reshape(shapes[name])
+            .copy()
             for name, binding in self._bindings.items()
             if not binding.is_input
         }
@@ -343,4 +356,6 @@ class TensorRTBackend(Backend):
             for failure in failures:
                 log.warning("%s: while releasing after an earlier error: %s", self.path.name, failure)
             return
-        raise BackendError(f"{self.path.name}: releasing the plan's GPU buffers failed ({len(failures)} calls): {failures[0]}")
+        raise BackendError(
+            f"{self.path.name}: releasing the plan's GPU buffers failed ({len(failures)} calls): {failures[0]}"
+        )

@@ -19,7 +19,6 @@ import click
 
 from spine_edge import __version__
 from spine_edge.errors import SpineEdgeError
-from spine_edge.support import import_optional
 
 #: Exit codes, documented in the README.
 EXIT_OK = 0

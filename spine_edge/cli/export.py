@@ -46,25 +46,55 @@ def _points(value: float | None) -> str:
 
 @click.command("export")
 @click.argument("checkpoints", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--out", "bundle", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Bundle folder to write (default: $SPINE_EDGE_BUNDLE or runs/bundle).")
-@click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISION_CHOICES),
-              default=ConfigDefault("precisions"), show_default=True,
-              help="Precision to export (repeatable; fp32 is always written).")
-@click.option("--calib-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=ConfigDefault("calib_data"),
-              help="Prepared cache whose train PNGs calibrate INT8 (default: --eval-data).")
-@click.option("--calib-images", type=click.IntRange(min=1), default=ConfigDefault("calib_images"),
-              show_default=True, help="Number of calibration images.")
-@click.option("--calib-method", type=click.Choice(CALIBRATION_CHOICES),
-              default=ConfigDefault("calib_method"), show_default=True,
-              help="Activation-range calibration.")
-@click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=ConfigDefault("eval_data"),
-              help="Prepared cache whose val split the accuracy report uses "
-                   "(default: the one recorded in the checkpoints).")
-@click.option("--eval-limit", type=click.IntRange(min=1), default=ConfigDefault("eval_limit"),
-              help="Evaluate at most this many images [default: all].")
+@click.option(
+    "-o",
+    "--out",
+    "bundle",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Bundle folder to write (default: $SPINE_EDGE_BUNDLE or runs/bundle).",
+)
+@click.option(
+    "--precision",
+    "precisions",
+    multiple=True,
+    type=click.Choice(PRECISION_CHOICES),
+    default=ConfigDefault("precisions"),
+    show_default=True,
+    help="Precision to export (repeatable; fp32 is always written).",
+)
+@click.option(
+    "--calib-data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=ConfigDefault("calib_data"),
+    help="Prepared cache whose train PNGs calibrate INT8 (default: --eval-data).",
+)
+@click.option(
+    "--calib-images",
+    type=click.IntRange(min=1),
+    default=ConfigDefault("calib_images"),
+    show_default=True,
+    help="Number of calibration images.",
+)
+@click.option(
+    "--calib-method",
+    type=click.Choice(CALIBRATION_CHOICES),
+    default=ConfigDefault("calib_method"),
+    show_default=True,
+    help="Activation-range calibration.",
+)
+@click.option(
+    "--eval-data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=ConfigDefault("eval_data"),
+    help="Prepared cache whose val split the accuracy report uses (default: the one recorded in the checkpoints).",
+)
+@click.option(
+    "--eval-limit",
+    type=click.IntRange(min=1),
+    default=ConfigDefault("eval_limit"),
+    help="Evaluate at most this many images [default: all].",
+)
 def export(
     checkpoints: Path,
     bundle: Path | None,
@@ -78,8 +108,8 @@ def export(
     """Export CHECKPOINTS (from `spine-edge train`) into a bundle for `build-engines` and `infer`.
 
     Writes FP32, FP16 and INT8 (TensorRT and ONNX Runtime variants) ONNX graphs, an accuracy report
-    against FP32 and manifest.json. Exits with 4 when a precision misses its accuracy gate (the
-    bundle is still written).
+    against FP32 and manifest.json. Exits with 4 when a precision's verdict is `fail` (the bundle is
+    still written), 0 with a warning when it is `inconclusive` (too few evaluation images to tell).
     """
     out = bundle if bundle is not None else default_bundle_path()
     try:
@@ -109,13 +139,22 @@ def export(
     if accuracy is None:
         click.echo("no accuracy report: pass --eval-data PREPARED to measure the precisions against FP32")
     else:
-        click.echo(f"FP32: AUROC {accuracy.classifier_fp32.auroc:.4f}, mAP@0.5 {accuracy.detector_fp32.map50:.4f} "
-                   f"on {accuracy.eval_data['images']} images")
+        click.echo(
+            f"FP32: AUROC {accuracy.classifier_fp32.auroc:.4f}, mAP@0.5 {accuracy.detector_fp32.map50:.4f} "
+            f"on {accuracy.eval_data['images']} images"
+        )
         for row in accuracy.variants:
-            verdict = {True: "gates hold", False: "GATE FAILED", None: "not measurable"}[row.holds]
-            click.echo(f"{row.variant:<9} ΔAUROC {_points(row.delta_auroc_pt):>7} pt  flips {row.flips:>3}  "
-                       f"ΔmAP@0.5 {_points(row.delta_map50_pt):>7} pt  {verdict}")
+            click.echo(
+                f"{row.variant:<9} ΔAUROC {_points(row.delta_auroc_pt):>7} pt  flips {row.flips:>3}  "
+                f"ΔmAP@0.5 {_points(row.delta_map50_pt):>7} pt  {row.verdict}"
+            )
     click.echo(f"bundle {out} written in {report.seconds:.0f} s")
     if report.gates_hold is False:
         click.echo("error: a precision misses its accuracy gate; see accuracy_report.md", err=True)
         raise SystemExit(EXIT_GATE_FAILED)
+    if accuracy is not None and accuracy.verdict == "inconclusive":
+        click.echo(
+            "warning: a precision's accuracy is inconclusive (too few evaluation images to tell, or a metric "
+            "not measurable); see accuracy_report.md",
+            err=True,
+        )

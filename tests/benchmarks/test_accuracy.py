@@ -38,8 +38,17 @@ def truth(toy_vindr: Path):
 @pytest.fixture(scope="module")
 def predictions(broken_bundle: Path, truth) -> dict[str, Predictions]:
     cascades = {
-        label: Cascade.from_bundle(broken_bundle, precision=label, backend="onnxruntime", provider="cpu",
-                                   batch_size=4, force_detector=True, heatmaps=False, threads=1, guard=False)
+        label: Cascade.from_bundle(
+            broken_bundle,
+            precision=label,
+            backend="onnxruntime",
+            provider="cpu",
+            batch_size=4,
+            force_detector=True,
+            heatmaps=False,
+            threads=1,
+            guard=False,
+        )
         for label in ("fp32", "int8")
     }
     try:
@@ -92,7 +101,9 @@ def test_deltas_flips_and_auroc_match_sklearn(predictions, truth) -> None:
     ref_auroc = roc_auc_score(truth.labels, predictions["fp32"].probs)
     assert fp32.classification.auroc == pytest.approx(ref_auroc, abs=1e-12)
     assert 0.5 < ref_auroc < 1.0
-    assert int8.delta_auroc_pt == pytest.approx(100 * (roc_auc_score(truth.labels, predictions["int8"].probs) - ref_auroc))
+    assert int8.delta_auroc_pt == pytest.approx(
+        100 * (roc_auc_score(truth.labels, predictions["int8"].probs) - ref_auroc)
+    )
     assert fp32.delta_auroc_pt == fp32.delta_map50_pt == fp32.flips == 0
     assert int8.delta_map50_pt == 0.0  # same detector graph
     expected_flips = int(((predictions["fp32"].probs >= 0.5) != (predictions["int8"].probs >= 0.5)).sum())
@@ -103,8 +114,12 @@ def test_deltas_flips_and_auroc_match_sklearn(predictions, truth) -> None:
 def test_saved_coco_files_reproduce_the_metrics_with_pycocotools(predictions, truth, tmp_path: Path) -> None:
     files = write_coco_files(tmp_path, truth, predictions, 0.5, CLASS_NAMES)
     assert {f.name for f in files} == {
-        "ground_truth.json", "predictions_fp32_detector.json", "predictions_fp32_cascade.json",
-        "classification_fp32.json", "predictions_int8_detector.json", "predictions_int8_cascade.json",
+        "ground_truth.json",
+        "predictions_fp32_detector.json",
+        "predictions_fp32_cascade.json",
+        "classification_fp32.json",
+        "predictions_int8_detector.json",
+        "predictions_int8_cascade.json",
         "classification_int8.json",
     }
     gt = json.loads((tmp_path / "ground_truth.json").read_text())
@@ -139,11 +154,17 @@ def test_precision_recall_curves_average_to_the_class_ap(predictions, truth) -> 
 def test_unreadable_image_is_left_out_of_every_precision(broken_bundle: Path, truth, tmp_path: Path) -> None:
     bad = tmp_path / "bad.dicom"
     bad.write_bytes(b"DICM? no")
-    with_bad = replace(truth, image_ids=(*truth.image_ids[:2], "bad"), paths=(*truth.paths[:2], bad),
-                       sizes=(*truth.sizes[:2], (1, 1)), labels=np.array([0, 1, 0]),
-                       boxes=(*truth.boxes[:2], ImageBoxes.empty()))
-    with Cascade.from_bundle(broken_bundle, precision="fp32", backend="onnxruntime", force_detector=True, threads=1,
-                             guard=False) as cascade:
+    with_bad = replace(
+        truth,
+        image_ids=(*truth.image_ids[:2], "bad"),
+        paths=(*truth.paths[:2], bad),
+        sizes=(*truth.sizes[:2], (1, 1)),
+        labels=np.array([0, 1, 0]),
+        boxes=(*truth.boxes[:2], ImageBoxes.empty()),
+    )
+    with Cascade.from_bundle(
+        broken_bundle, precision="fp32", backend="onnxruntime", force_detector=True, threads=1, guard=False
+    ) as cascade:
         found = collect_predictions({"fp32": cascade}, with_bad, batch_size=2)
     assert [i for i, _ in found["fp32"].errors] == [2]
     assert np.isnan(found["fp32"].probs[2]) and not np.isnan(found["fp32"].probs[:2]).any()

@@ -38,14 +38,19 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_baseline_runs_both_peers_and_speedups_are_ratios_of_this_run(
     checkpoints: Path, good_bundle: Path, toy_vindr: Path
 ) -> None:
-    report = run_bench(BenchConfig(_tiny_cascade(good_bundle), data=toy_vindr, max_images=4, checkpoints=checkpoints, **TINY))
+    report = run_bench(
+        BenchConfig(_tiny_cascade(good_bundle), data=toy_vindr, max_images=4, checkpoints=checkpoints, **TINY)
+    )
     baseline = report.baseline
     assert baseline is not None, report.notes
     assert baseline.classifier.n == baseline.detector_inference.n == baseline.detector_predict.n == 2
     # predict's wall time holds ultralytics' letterbox and NMS around the model time it reports.
     assert baseline.detector_predict.p50 >= baseline.detector_inference.p50
     assert baseline.threads == 1 and baseline.versions["torch"]
-    assert set(baseline.probs) == {1, 2}  # warm-up took image 0 and all(0.0 <= p <= 1.0 for p in baseline.probs.values())
+    assert set(baseline.probs) == {
+        1,
+        2,
+    }  # warm-up took image 0 and all(0.0 <= p <= 1.0 for p in baseline.probs.values())
     fp32 = report.precision("fp32")
     assert fp32 is not None
     cls, det = fp32.model("classifier").at(1), fp32.model("detector").at(1)  # type: ignore[union-attr]
@@ -60,7 +65,9 @@ def test_checkpoints_of_another_input_size_are_refused(checkpoints: Path, tmp_pa
     from tests.spine_edge.bundle_factory import make_bundle
 
     bundle = make_bundle(tmp_path / "bundle", classifier_size=32)
-    report = run_bench(BenchConfig(_tiny_cascade(bundle), data=toy_vindr, max_images=2, checkpoints=checkpoints, **TINY))
+    report = run_bench(
+        BenchConfig(_tiny_cascade(bundle), data=toy_vindr, max_images=2, checkpoints=checkpoints, **TINY)
+    )
     assert report.baseline is None
     assert any("takes 64 px but the bundle's classifier takes 32 px" in note for note in report.notes)
 

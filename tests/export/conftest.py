@@ -42,7 +42,6 @@ def tiny_classifier(
 ) -> onnx.ModelProto:
     """The stand-in classifier graph (dynamic batch, opset 17)."""
     rng = np.random.default_rng(seed)
-    float_type = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
     np_float = np.float16 if precision == "fp16" else np.float32
     weight = rng.normal(0, 0.5, size=(4, 1, 3, 3)).astype(np.float32)
     inits = [
@@ -101,13 +100,21 @@ def tiny_classifier(
     return model
 
 
-def single_node_graph(op: str, inputs: list[tuple[str, int, list]], outputs: list[tuple[str, int, list]],
-                      domain: str = "", opset: int = OPSET, **attrs: object) -> onnx.ModelProto:
+def single_node_graph(
+    op: str,
+    inputs: list[tuple[str, int, list]],
+    outputs: list[tuple[str, int, list]],
+    domain: str = "",
+    opset: int = OPSET,
+    **attrs: object,
+) -> onnx.ModelProto:
     """A one-node graph (for operator checks; not necessarily runnable)."""
-    node = helper.make_node(op, [n for n, _, _ in inputs], [n for n, _, _ in outputs], name=f"the_{op.lower()}",
-                            domain=domain, **attrs)
+    node = helper.make_node(
+        op, [n for n, _, _ in inputs], [n for n, _, _ in outputs], name=f"the_{op.lower()}", domain=domain, **attrs
+    )
     graph = helper.make_graph(
-        [node], op,
+        [node],
+        op,
         [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
         [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs],
     )
@@ -221,8 +228,16 @@ def write_export_prepared(root: Path, counts: dict[str, int], long_side: int = 9
             (root / "labels" / split / f"{image_id}.txt").write_text("".join(line + "\n" for line in lines))
             rows.append(f"{image_id},study_{image_id},{split},{i % 2},images/{split}/{image_id}.png")
     (root / "classification.csv").write_text("\n".join(rows) + "\n")
-    info = {"version": 1, "source": "tests/export/conftest.py", "long_side": long_side, "seed": seed,
-            "val_fraction": 0.5, "class_names": list(CLASS_NAMES), "counts": counts, "fingerprint": "export-test-data"}
+    info = {
+        "version": 1,
+        "source": "tests/export/conftest.py",
+        "long_side": long_side,
+        "seed": seed,
+        "val_fraction": 0.5,
+        "class_names": list(CLASS_NAMES),
+        "counts": counts,
+        "fingerprint": "export-test-data",
+    }
     (root / "prepare.json").write_text(json.dumps(info))
     return root
 
@@ -231,9 +246,9 @@ def write_export_classifiers(folder: Path, size: int = EXPORT_SIZE, prepared: Pa
     """Random-weight members (BN statistics perturbed so folding matters) and ``ensemble.json``."""
     import torch
 
-    from spine_edge.tta import DEFAULT_VIEWS
     from spine_edge.training.checkpoints import ClassifierMeta, classifier_checkpoint_path, save_classifier_checkpoint
     from spine_edge.training.models import build_backbone, resolve_data_config
+    from spine_edge.tta import DEFAULT_VIEWS
 
     torch.manual_seed(0)
     views = [view.name for view in DEFAULT_VIEWS]
@@ -249,14 +264,29 @@ def write_export_classifiers(folder: Path, size: int = EXPORT_SIZE, prepared: Pa
         model.get_classifier().weight.data.mul_(20.0)
         cfg = resolve_data_config(model, size)
         meta = ClassifierMeta(
-            arch=arch, input_size=size, mean=cfg.mean, std=cfg.std, interpolation=cfg.interpolation, in_chans=3,
-            recipe={}, data_fingerprint="export-test-data", val_metrics={"auroc": 0.5}, tta_views=tuple(views),
+            arch=arch,
+            input_size=size,
+            mean=cfg.mean,
+            std=cfg.std,
+            interpolation=cfg.interpolation,
+            in_chans=3,
+            recipe={},
+            data_fingerprint="export-test-data",
+            val_metrics={"auroc": 0.5},
+            tta_views=tuple(views),
             epoch=1,
         )
         path = save_classifier_checkpoint(classifier_checkpoint_path(folder, arch), model.state_dict(), meta)
         members.append({"name": arch, "arch": arch, "weight": weight, "checkpoint": path.name, "val_auroc": 0.5})
-    ensemble = {"format": "spine-edge-ensemble/1", "members": members, "threshold": EXPORT_THRESHOLD, "tta_views": views, "input_size": size,
-                "metrics": {"ensemble": {"auroc": 0.5}}, "search": {"step": 0.05}}
+    ensemble = {
+        "format": "spine-edge-ensemble/1",
+        "members": members,
+        "threshold": EXPORT_THRESHOLD,
+        "tta_views": views,
+        "input_size": size,
+        "metrics": {"ensemble": {"auroc": 0.5}},
+        "search": {"step": 0.05},
+    }
     if prepared is not None:
         ensemble["prepared"] = str(prepared)
     (folder / "ensemble.json").write_text(json.dumps(ensemble, indent=2))
@@ -302,12 +332,22 @@ def write_export_detector(folder: Path, prepared: Path, imgsz: int = EXPORT_SIZE
         torch.nn.init.normal_(branch[-1].bias, mean=-3.0, std=0.5)
     for branch in head.cv2:
         branch[-1].bias.data = (-0.5 * torch.arange(float(head.reg_max))).repeat(4)
-    checkpoint = {"model": deepcopy(model).half(), "ema": None, "train_args": {"imgsz": imgsz, "task": "detect"},
-                  "date": "2026-11-27T00:00:00+00:00", "version": ultralytics_version}
+    checkpoint = {
+        "model": deepcopy(model).half(),
+        "ema": None,
+        "train_args": {"imgsz": imgsz, "task": "detect"},
+        "date": "2026-11-27T00:00:00+00:00",
+        "version": ultralytics_version,
+    }
     torch.save(checkpoint, folder / "detector.pt")
-    meta = {"arch": "yolo11n", "imgsz": imgsz, "class_names": list(CLASS_NAMES),
-            "recipe": {"conf": 0.25, "iou": 0.65}, "val_metrics": {"map50": 0.0, "map50_95": 0.0},
-            "data_fingerprint": "export-test-data"}
+    meta = {
+        "arch": "yolo11n",
+        "imgsz": imgsz,
+        "class_names": list(CLASS_NAMES),
+        "recipe": {"conf": 0.25, "iou": 0.65},
+        "val_metrics": {"map50": 0.0, "map50_95": 0.0},
+        "data_fingerprint": "export-test-data",
+    }
     (folder / "detector.json").write_text(json.dumps(meta, indent=2))
     return folder / "detector.pt"
 

@@ -44,8 +44,9 @@ def test_graph_interface(export_graphs: ExportedGraphs) -> None:
 
 def test_fp32_graph_matches_the_pytorch_ensemble(export_graphs: ExportedGraphs, export_prepared: Path) -> None:
     rng = np.random.default_rng(0)
-    images = np.concatenate([_canvases(export_prepared, 6),
-                             rng.integers(0, 256, (2, 1, EXPORT_SIZE, EXPORT_SIZE), dtype=np.uint8)])
+    images = np.concatenate(
+        [_canvases(export_prepared, 6), rng.integers(0, 256, (2, 1, EXPORT_SIZE, EXPORT_SIZE), dtype=np.uint8)]
+    )
     ref_prob, ref_cam = run_ensemble(export_graphs.ensemble, images)
     got = run_graph(export_graphs.classifier, images, ["prob", "cam"], batch_size=8)
     assert got["prob"].shape == (8,) and got["cam"].shape == ref_cam.shape

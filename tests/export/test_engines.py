@@ -19,7 +19,8 @@ from spine_edge.errors import BundleError, MissingDependencyError
 from spine_edge.export.engines import BatchRange, BuildConfig, build_engines, plan_builds
 from tests.export.conftest import SIZE, write_bundle
 
-CPU = BuildConfig(target="onnxruntime-cpu", threads=1)
+# openvino=False: these tests pin ONNX Runtime's own CPU build; the OpenVINO race is tested in test_backend_openvino.
+CPU = BuildConfig(target="onnxruntime-cpu", threads=1, openvino=False)
 HAS_TENSORRT = engines._tensorrt_or_none() is not None
 
 
@@ -56,7 +57,11 @@ def test_cpu_build_records_verified_optimised_models(bundle: Path) -> None:
         assert entry.build.device == cpu_model_name() and entry.build.source == source.file
         assert entry.build.threads == 1 and "graph_optimization_level=ORT_ENABLE_ALL" in entry.build.build_flags
         batch = CPU.batch_for(entry.role)
-        assert (entry.build.min_batch, entry.build.opt_batch, entry.build.max_batch) == (batch.min, batch.opt, batch.max)
+        assert (entry.build.min_batch, entry.build.opt_batch, entry.build.max_batch) == (
+            batch.min,
+            batch.opt,
+            batch.max,
+        )
         assert path.stat().st_mode & 0o444 == 0o444
 
 
@@ -114,9 +119,12 @@ def test_a_failing_model_keeps_the_others(bundle: Path) -> None:
     manifest = load_manifest(bundle)
     broken = bundle / "detector.fp32.onnx"
     broken.write_bytes(b"\x08\x01not an onnx graph")
-    write_manifest(bundle, manifest.with_models(tuple(
-        replace(e, sha256=sha256_file(broken)) if e.file == broken.name else e for e in manifest.models
-    )))
+    write_manifest(
+        bundle,
+        manifest.with_models(
+            tuple(replace(e, sha256=sha256_file(broken)) if e.file == broken.name else e for e in manifest.models)
+        ),
+    )
     report = build_engines(bundle, CPU)
     assert not report.ok
     assert [(f.role, f.precision) for f in report.failed] == [("detector", "fp32")]
@@ -149,7 +157,11 @@ def test_tensorrt_planning_follows_graph_precision_and_targets(bundle: Path) -> 
 
     # TensorRT 11: no FP16 flag, so FP16 needs an FP16 graph, and the default says why there is none.
     jobs, skipped = plan_builds(manifest, "tensorrt", fp16_flag=False)
-    assert [(j.role, j.precision) for j in jobs] == [("classifier", "fp32"), ("classifier", "int8"), ("detector", "fp32")]
+    assert [(j.role, j.precision) for j in jobs] == [
+        ("classifier", "fp32"),
+        ("classifier", "int8"),
+        ("detector", "fp32"),
+    ]
     assert [(s.role, s.precision) for s in skipped] == [("classifier", "fp16"), ("detector", "fp16")]
     assert "re-export the bundle with FP16 graphs" in skipped[0].reason
     # Explicit precisions: INT8 for the detector was never exported.
@@ -160,8 +172,11 @@ def test_tensorrt_planning_follows_graph_precision_and_targets(bundle: Path) -> 
 
 
 def test_planning_skips_graphs_meant_for_the_other_target(tmp_path: Path) -> None:
-    graphs = (("classifier", "fp32", "any", "c32.onnx"), ("classifier", "fp16", "any", "c16.onnx"),
-              ("classifier", "int8", "tensorrt", "c8.onnx"))
+    graphs = (
+        ("classifier", "fp32", "any", "c32.onnx"),
+        ("classifier", "fp16", "any", "c16.onnx"),
+        ("classifier", "int8", "tensorrt", "c8.onnx"),
+    )
     manifest = write_bundle(tmp_path / "b", graphs)
     jobs, skipped = plan_builds(manifest, "onnxruntime-cpu", ("fp16", "int8"))
     assert [(j.precision, j.source.file) for j in jobs] == [("fp16", "c16.onnx")]
@@ -169,7 +184,10 @@ def test_planning_skips_graphs_meant_for_the_other_target(tmp_path: Path) -> Non
     # With an FP16 graph, TensorRT builds FP16 from it (strong typing), even where the flag exists.
     jobs, _ = plan_builds(manifest, "tensorrt", fp16_flag=True)
     assert [(j.precision, j.source.file, j.typing) for j in jobs] == [
-        ("fp32", "c32.onnx", "graph"), ("fp16", "c16.onnx", "graph"), ("int8", "c8.onnx", "graph")]
+        ("fp32", "c32.onnx", "graph"),
+        ("fp16", "c16.onnx", "graph"),
+        ("int8", "c8.onnx", "graph"),
+    ]
 
 
 def test_nothing_to_build_is_an_error(tmp_path: Path) -> None:
@@ -195,10 +213,17 @@ def test_tensorrt_target_without_tensorrt_names_the_extra(bundle: Path) -> None:
 
 
 def test_engines_module_imports_neither_torch_nor_onnx() -> None:
-    code = ("import sys, spine_edge.export.engines, spine_edge.cli.build; "
-            "print(sorted(m for m in ('torch', 'onnx', 'tensorrt', 'onnxruntime') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2]).stdout
+    code = (
+        "import sys, spine_edge.export.engines, spine_edge.cli.build; "
+        "print(sorted(m for m in ('torch', 'onnx', 'tensorrt', 'onnxruntime') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -207,7 +232,9 @@ def test_engines_module_imports_neither_torch_nor_onnx() -> None:
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="auto picks TensorRT where it is installed")
-def test_cli_builds_with_the_default_bundle_and_explains_the_path(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_builds_with_the_default_bundle_and_explains_the_path(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SPINE_EDGE_BUNDLE", str(bundle))
     result = CliRunner().invoke(main, ["build-engines", "--threads", "1", "--max-batch", "2"])
     assert result.exit_code == 0, result.output
@@ -220,8 +247,9 @@ def test_cli_builds_with_the_default_bundle_and_explains_the_path(bundle: Path, 
 
 
 def test_cli_precision_filter(bundle: Path) -> None:
-    result = CliRunner().invoke(main, ["build-engines", str(bundle), "--target", "onnxruntime-cpu",
-                                       "--precision", "int8", "--threads", "1"])
+    result = CliRunner().invoke(
+        main, ["build-engines", str(bundle), "--target", "onnxruntime-cpu", "--precision", "int8", "--threads", "1"]
+    )
     assert result.exit_code == 0, result.output
     built = [e for e in load_manifest(bundle).models if e.format == "onnx-optimized"]
     assert [(e.role, e.precision) for e in built] == [("classifier", "int8")]
@@ -262,8 +290,11 @@ def test_tensorrt_plans_deserialise_with_the_right_io(tmp_path: Path) -> None:
     from spine_edge.backends.cuda import load_cuda
 
     folder = tmp_path / "b"
-    graphs = (("classifier", "fp32", "any", "c32.onnx"), ("classifier", "fp16", "any", "c16.onnx"),
-              ("classifier", "int8", "tensorrt", "c8.onnx"))
+    graphs = (
+        ("classifier", "fp32", "any", "c32.onnx"),
+        ("classifier", "fp16", "any", "c16.onnx"),
+        ("classifier", "int8", "tensorrt", "c8.onnx"),
+    )
     write_bundle(folder, graphs)
     # These stand-in graphs carry no tensor roles, so the parity check (tested below) is off here.
     report = build_engines(folder, BuildConfig(target="tensorrt", workspace_mib=256, parity=False))
@@ -304,7 +335,9 @@ def test_tensorrt_fp16_from_fp32_graph_where_the_builder_has_the_flag(tmp_path: 
         pytest.skip("TensorRT 11 builds FP16 only from FP16 graphs")
     folder = tmp_path / "b"
     write_bundle(folder, (("classifier", "fp32", "any", "c32.onnx"),))
-    report = build_engines(folder, BuildConfig(target="tensorrt", precisions=("fp16",), workspace_mib=256, parity=False))
+    report = build_engines(
+        folder, BuildConfig(target="tensorrt", precisions=("fp16",), workspace_mib=256, parity=False)
+    )
     assert report.ok and [m.precision for m in report.built] == ["fp16"]
     entry = load_manifest(folder).find("classifier", "fp16", "tensorrt")
     assert entry is not None and entry.build is not None and "fp16-flag" in entry.build.build_flags
@@ -327,7 +360,10 @@ def test_stale_ort_tensorrt_caches_are_cleared(tmp_path: Path) -> None:
         (folder / "x.engine").write_bytes(b"engine")
     (root / "TensorrtExecutionProvider_TRTKernel_graph_main_123.engine").write_bytes(b"name-keyed, old layout")
     removed = engines.clear_stale_caches(bundle, manifest)
-    assert sorted(p.name for p in removed) == ["0123456789abcdef", "TensorrtExecutionProvider_TRTKernel_graph_main_123.engine"]
+    assert sorted(p.name for p in removed) == [
+        "0123456789abcdef",
+        "TensorrtExecutionProvider_TRTKernel_graph_main_123.engine",
+    ]
     assert sorted(p.name for p in root.iterdir()) == sorted([current.name, "timing"])
     assert engines.clear_stale_caches(tmp_path / "no-bundle-here", manifest) == ()
 
@@ -359,8 +395,15 @@ def test_parity_set_round_trip_and_synthetic_fallback(tmp_path: Path) -> None:
 
 
 def _built(entry: engines.ModelEntry, precision: str, low: int, high: int) -> engines.ModelEntry:
-    build = engines.BuildInfo(builder="tensorrt", builder_version="10", device="gpu", source=entry.file,
-                              min_batch=low, opt_batch=low, max_batch=high)
+    build = engines.BuildInfo(
+        builder="tensorrt",
+        builder_version="10",
+        device="gpu",
+        source=entry.file,
+        min_batch=low,
+        opt_batch=low,
+        max_batch=high,
+    )
     return replace(entry, precision=precision, format="tensorrt", build=build)  # type: ignore[arg-type]
 
 
@@ -418,8 +461,12 @@ def test_tensorrt_build_proves_each_plan_against_onnxruntime(tmp_path: Path) -> 
 
 
 def test_parity_summary_is_one_line() -> None:
-    record = {"passed": True, "batches": [1, 8], "canvases": "bundle",
-              "classifier": [{"max_abs_dprob": 0.0012, "flips": 0}, {"max_abs_dprob": 0.003, "flips": 1}]}
+    record = {
+        "passed": True,
+        "batches": [1, 8],
+        "canvases": "bundle",
+        "classifier": [{"max_abs_dprob": 0.0012, "flips": 0}, {"max_abs_dprob": 0.003, "flips": 1}],
+    }
     assert engines.parity_summary(record) == "parity ok at batch 1/8 (bundle canvases), max |Δprob| 0.003, 1 flips"
     detector = {"passed": False, "batches": [1], "canvases": "synthetic", "detector": [{"ap": 0.5}]}
     assert engines.parity_summary(detector) == "parity FAILED at batch 1 (synthetic canvases), box AP 0.500 vs FP32"

@@ -21,17 +21,26 @@ def _convnet(path: Path) -> Path:
     nodes, inits, prev = [], [], "x"
     for i in range(3):
         channels_in = 3 if i == 0 else 8
-        inits += [numpy_helper.from_array(rng.normal(0, 0.3, (8, channels_in, 3, 3)).astype(np.float32), f"w{i}"),
-                  numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), f"b{i}")]
+        inits += [
+            numpy_helper.from_array(rng.normal(0, 0.3, (8, channels_in, 3, 3)).astype(np.float32), f"w{i}"),
+            numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), f"b{i}"),
+        ]
         nodes.append(helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], name=f"/conv{i}/Conv", pads=[1] * 4))
         nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"/relu{i}/Relu"))
         prev = f"r{i}"
     inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (8, 2)).astype(np.float32), "fc"))
-    nodes += [helper.make_node("GlobalAveragePool", [prev], ["g"], name="/gap"),
-              helper.make_node("Flatten", ["g"], ["f"], name="/flat"),
-              helper.make_node("MatMul", ["f", "fc"], ["y"], name="/fc/MatMul")]
-    graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIDE, SIDE])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["g"], name="/gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="/flat"),
+        helper.make_node("MatMul", ["f", "fc"], ["y"], name="/fc/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "convnet",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIDE, SIDE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -50,10 +59,16 @@ def _quantize(fp32: Path, out: Path, keep: list[str], symmetric: bool) -> Path:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.feeds, None)
 
-    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
-                                   "QDQKeepRemovableActivations": True})
+    quantize_static(
+        str(fp32),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QDQKeepRemovableActivations": True},
+    )
     model = keep_float(onnx.load(str(out)), onnx.load(str(fp32)), keep)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(out))
@@ -74,8 +89,16 @@ def test_excluding_a_node_from_quantize_static_does_not_make_it_float(tmp_path: 
             return next(self.feeds, None)
 
     excluded = tmp_path / "excluded.onnx"
-    quantize_static(str(fp32), str(excluded), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=["/conv1/Conv"])
+    quantize_static(
+        str(fp32),
+        str(excluded),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        nodes_to_exclude=["/conv1/Conv"],
+    )
     counted = count_int8_coverage(excluded, fp32)
     kept = count_int8_coverage(_quantize(fp32, tmp_path / "kept.onnx", ["/conv1/Conv"], False), fp32)
     assert "/conv1/Conv" in kept.float_layers

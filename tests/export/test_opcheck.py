@@ -6,8 +6,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from spine_edge.export.opcheck import SUPPORTED_OPS_FILE, check_symmetric_qdq, check_trt_ops, load_trt_op_list, main
 from spine_edge.errors import BundleError
+from spine_edge.export.opcheck import SUPPORTED_OPS_FILE, check_symmetric_qdq, check_trt_ops, load_trt_op_list, main
 from tests.export.conftest import single_node_graph, tiny_classifier
 
 F = TensorProto.FLOAT
@@ -24,8 +24,22 @@ def test_op_list_has_its_source_and_the_ops_this_project_needs() -> None:
     ops = load_trt_op_list()
     assert (ops.opset_min, ops.opset_max) == (9, 24)
     # The classifier (TTA via GridSample, Q/DQ) and the detector (Resize, NMS) need these.
-    for op in ("Conv", "GridSample", "Resize", "NonMaxSuppression", "QuantizeLinear", "DequantizeLinear",
-               "Sigmoid", "Cast", "Concat", "Split", "Softmax", "MaxPool", "GlobalAveragePool", "Gemm"):
+    for op in (
+        "Conv",
+        "GridSample",
+        "Resize",
+        "NonMaxSuppression",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "Sigmoid",
+        "Cast",
+        "Concat",
+        "Split",
+        "Softmax",
+        "MaxPool",
+        "GlobalAveragePool",
+        "Gemm",
+    ):
         assert op in ops.ops, op
     # Marked "N" in the parser's table.
     for op in ("Det", "Unique", "QLinearConv", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "AffineGrid"):
@@ -50,13 +64,15 @@ def test_unsupported_op_is_named_with_its_node(tmp_path: Path) -> None:
 
 
 def test_contrib_domain_and_bad_resize_and_old_opset_are_unsupported(tmp_path: Path) -> None:
-    contrib = single_node_graph("FusedGemm", [("a", F, [2, 2]), ("b", F, [2, 2])], [("c", F, [2, 2])],
-                                domain="com.microsoft")
+    contrib = single_node_graph(
+        "FusedGemm", [("a", F, [2, 2]), ("b", F, [2, 2])], [("c", F, [2, 2])], domain="com.microsoft"
+    )
     report = check_trt_ops(_save(contrib, tmp_path / "contrib.onnx"))
     assert [(f.op, f.domain) for f in report.unsupported] == [("FusedGemm", "com.microsoft")]
 
-    cubic = single_node_graph("Resize", [("x", F, [1, 1, 4, 4]), ("", F, []), ("scales", F, [4])],
-                              [("y", F, [1, 1, 8, 8])], mode="cubic")
+    cubic = single_node_graph(
+        "Resize", [("x", F, [1, 1, 4, 4]), ("", F, []), ("scales", F, [4])], [("y", F, [1, 1, 8, 8])], mode="cubic"
+    )
     report = check_trt_ops(_save(cubic, tmp_path / "cubic.onnx"))
     assert len(report.unsupported) == 1 and "mode=cubic" in report.unsupported[0].message
 
@@ -66,23 +82,38 @@ def test_contrib_domain_and_bad_resize_and_old_opset_are_unsupported(tmp_path: P
 
 
 def test_restricted_op_is_a_caveat_not_a_failure(tmp_path: Path) -> None:
-    model = single_node_graph("GridSample", [("x", F, [1, 1, 4, 4]), ("grid", F, [1, 4, 4, 2])],
-                              [("y", F, [1, 1, 4, 4])], align_corners=0)
+    model = single_node_graph(
+        "GridSample", [("x", F, [1, 1, 4, 4]), ("grid", F, [1, 4, 4, 2])], [("y", F, [1, 1, 4, 4])], align_corners=0
+    )
     report = check_trt_ops(_save(model, tmp_path / "grid.onnx"))
     assert report.ok
     assert [(f.op, f.nodes) for f in report.caveats] == [("GridSample", ("the_gridsample",))]
 
 
 def test_nodes_inside_subgraphs_are_checked(tmp_path: Path) -> None:
-    branch = helper.make_graph([helper.make_node("Det", ["m"], ["d"], name="inner_det")], "then", [],
-                               [helper.make_tensor_value_info("d", F, [])])
-    other = helper.make_graph([helper.make_node("Identity", ["s"], ["d2"], name="inner_id")], "else", [],
-                              [helper.make_tensor_value_info("d2", F, [])])
+    branch = helper.make_graph(
+        [helper.make_node("Det", ["m"], ["d"], name="inner_det")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("d", F, [])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["s"], ["d2"], name="inner_id")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("d2", F, [])],
+    )
     node = helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=other, name="branch")
-    graph = helper.make_graph([node], "g",
-                              [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-                               helper.make_tensor_value_info("m", F, [3, 3]), helper.make_tensor_value_info("s", F, [])],
-                              [helper.make_tensor_value_info("out", F, [])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("m", F, [3, 3]),
+            helper.make_tensor_value_info("s", F, []),
+        ],
+        [helper.make_tensor_value_info("out", F, [])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     report = check_trt_ops(_save(model, tmp_path / "if.onnx"))
     assert [(f.op, f.nodes) for f in report.unsupported] == [("Det", ("branch/then_branch/inner_det",))]
@@ -93,7 +124,9 @@ def test_symmetric_int8_passes_and_asymmetric_is_flagged(tmp_path: Path) -> None
     assert check_symmetric_qdq(symmetric) == ()
     assert check_trt_ops(symmetric).ok
 
-    asymmetric = _save(tiny_classifier("int8", zero_point=128, zero_point_dtype=TensorProto.UINT8), tmp_path / "asym.onnx")
+    asymmetric = _save(
+        tiny_classifier("int8", zero_point=128, zero_point_dtype=TensorProto.UINT8), tmp_path / "asym.onnx"
+    )
     issues = check_symmetric_qdq(asymmetric)
     # The activation pair is flagged; the weight DQ (int8, zero 0) is fine.
     assert sorted(i.node for i in issues) == ["dequant_x", "quant_x"]

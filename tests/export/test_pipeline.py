@@ -40,7 +40,9 @@ from spine_edge.export.evaluation import (
     Evaluation,
 )
 from spine_edge.export.variants import GraphFile, Parity, Variant, model_entry_of
-from spine_edge.metrics import ClassificationMetrics, DetectionMetrics, ImageBoxes
+from spine_edge.fidelity import ClassifierFidelity, DetectionFidelity
+from spine_edge.metrics import ACCURACY_GATES, ClassificationMetrics, DetectionMetrics, ImageBoxes
+from spine_edge.verdict import DeltaInterval, RoleVerdict, task_verdict
 
 STEP_MODULES = (config, sources, evaluation, calibration, sensitivity, variants, pipeline, bundle_writer)
 
@@ -79,12 +81,41 @@ def _evaluation(tmp_path: Path) -> Evaluation:
     settings = EvalSettings(
         threshold=0.5, class_names=("A",), member_tensors=("m0",), batch_size=2, map_conf=0.001, iou=0.65
     )
-    run = ClassifierRun(np.array([0.1, 0.9, 0.2, 0.8]), np.array([[0.1, 0.9, 0.2, 0.8]]))
+    run = ClassifierRun(np.array([0.1, 0.9, 0.2, 0.8]), np.array([[0.1, 0.9, 0.2, 0.8]]), np.zeros((4, 2, 2)))
     return Evaluation(data, settings, run, data.ground_truth, classifier, detector)
+
+
+def _role(role: str, precision: str, delta: float, flips: int = 0) -> RoleVerdict:
+    """A verdict whose interval is the delta ± 0.4 points."""
+    gate = ACCURACY_GATES[precision]
+    gate_pt = gate.auroc_pt if role == "classifier" else gate.map50_pt
+    verdict = task_verdict(delta, delta - 0.4, delta + 0.4, gate_pt)
+    task = DeltaInterval(
+        "auroc" if role == "classifier" else "map50",
+        0.8,
+        0.8 + delta / 100,
+        delta,
+        delta - 0.4,
+        delta + 0.4,
+        gate_pt,
+        0.95,
+        1000,
+        verdict,
+    )
+    return RoleVerdict(
+        role,
+        precision,
+        4,
+        task,
+        classifier=ClassifierFidelity(4, 0.5, 0.01 * flips, 0.005 * flips, flips, 0) if role == "classifier" else None,
+        detector=DetectionFidelity(4, 0.5, 3, 3, 3, 0.9, 0.95, ()) if role == "detector" else None,
+        verdict=verdict,
+    )
 
 
 def _variant(name: str, delta_auroc: float, delta_map: float, flips: int) -> Variant:
     classifier, detector = _metrics(0.8 + delta_auroc / 100, 0.6 + delta_map / 100)
+    precision = name.split("-")[0]
     graphs = (
         GraphFile("classifier", name, Path(f"classifier.{name}.onnx"), ""),
         GraphFile("detector", name, Path(f"detector.{name}.onnx"), ""),
@@ -93,8 +124,8 @@ def _variant(name: str, delta_auroc: float, delta_map: float, flips: int) -> Var
         variant=name,
         graphs=graphs,
         how=f"measured {name}",
-        classifier=ClassifierComparison(classifier, delta_auroc, flips, 0.01 * flips),
-        detector=DetectorComparison(detector, delta_map, delta_map / 2),
+        classifier=ClassifierComparison(classifier, _role("classifier", precision, delta_auroc, flips)),
+        detector=DetectorComparison(detector, _role("detector", precision, delta_map), delta_map / 2),
         sensitivity={f"classifier {name}": {"kept_fp32": []}} if name.startswith("int8") else {},
     )
 
@@ -113,10 +144,11 @@ def test_report_rows_are_built_once_from_the_variants(tmp_path: Path, monkeypatc
     parity = Parity(4, 1e-6, 1e-6, 1e-4, 1e-5)
     report = pipeline.build_accuracy_report(_evaluation(tmp_path), [*measured, unmeasured], parity, "data-1")
     assert report is not None and built == ["fp16", "int8-trt", "int8-ort"]
-    assert [(r.target, r.how, r.holds) for r in report.variants] == [
-        ("any", "measured fp16", True),
-        ("tensorrt", "measured int8-trt", False),
-        ("onnxruntime", "measured int8-ort", False),
+    # fp16: −0.1 ± 0.4 pt straddles its −0.3 gate (inconclusive); int8: losses whose whole interval is past the gate.
+    assert [(r.target, r.how, r.verdict, r.holds) for r in report.variants] == [
+        ("any", "measured fp16", "inconclusive", None),
+        ("tensorrt", "measured int8-trt", "fail", False),
+        ("onnxruntime", "measured int8-ort", "fail", False),
     ]
     assert report.eval_data["same_data_as_training"] and report.parity == parity.to_dict()
     assert list(report.sensitivity) == ["classifier int8-trt", "classifier int8-ort"]

@@ -67,7 +67,9 @@ def test_fp16_graphs_keep_the_interface_and_sensitive_ops_in_fp32(fp16_graphs: d
     classifier = onnx.load(str(fp16_graphs["classifier"]))
     types = _types(classifier)
     # the per-member probability (sigmoid of the logits, then the mean over views) is computed in FP32
-    sigmoids = [n for n in classifier.graph.node if n.op_type == "Sigmoid" and "/members." in n.name and n.name.count("/") == 2]
+    sigmoids = [
+        n for n in classifier.graph.node if n.op_type == "Sigmoid" and "/members." in n.name and n.name.count("/") == 2
+    ]
     assert sigmoids and all(types[n.output[0]] == TensorProto.FLOAT for n in sigmoids)
 
 
@@ -98,12 +100,18 @@ def _chain(x: np.ndarray) -> tuple[onnx.ModelProto, np.ndarray]:
     """FP32 graph x → Mul(c) → Sigmoid → Mul(c), with every op in the FP16 body, and the numpy
     result of running it with float16 tensors between ops and float32 arithmetic inside them."""
     c = np.array([1.001], np.float32)
-    nodes = [helper.make_node("Mul", ["x", "c"], ["m"], name="mul1"),
-             helper.make_node("Sigmoid", ["m"], ["s"], name="sig"),
-             helper.make_node("Mul", ["s", "c"], ["y"], name="mul2")]
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-                              [numpy_helper.from_array(c, "c")])
+    nodes = [
+        helper.make_node("Mul", ["x", "c"], ["m"], name="mul1"),
+        helper.make_node("Sigmoid", ["m"], ["s"], name="sig"),
+        helper.make_node("Mul", ["s", "c"], ["y"], name="mul2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(c, "c")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     h = np.float16
     c16 = c.astype(h).astype(np.float32)
@@ -234,8 +242,9 @@ def test_percentile_calibration_in_chunks(export_graphs: ExportedGraphs, export_
     reader = prec.CalibrationImages(paths, "image", EXPORT_SIZE, 114)
     minmax = prec.calibrate(export_graphs.detector, reader, tmp_path / "minmax.json", "minmax")
     reader.rewind()
-    percentile = prec.calibrate(export_graphs.detector, reader, tmp_path / "pct.json", "percentile", chunk=2,
-                                percentile=99.0)
+    percentile = prec.calibrate(
+        export_graphs.detector, reader, tmp_path / "pct.json", "percentile", chunk=2, percentile=99.0
+    )
     assert percentile.method == "percentile" and percentile.images == 6
     from onnxruntime.quantization import load_tensors_data
 

@@ -113,8 +113,12 @@ def test_search_keeps_nothing_in_float_when_no_layer_can_help(
 ) -> None:
     _gates(monkeypatch, -1.0)  # no graph, not even FP32, meets a negative |Δprob| limit
     search, comparison = search_classifier_int8(
-        export_graphs.classifier, calibrations["folder"] / "never.onnx", calibrations["classifier"], "onnxruntime",
-        evaluation, _canvases(calibrations["images"], 0),
+        export_graphs.classifier,
+        calibrations["folder"] / "never.onnx",
+        calibrations["classifier"],
+        "onnxruntime",
+        evaluation,
+        _canvases(calibrations["images"], 0),
     )
     assert search.kept_fp32 == () and comparison.verdict.verdict == "fail"
     assert search.steps[-1].kept_fp32 == search.candidates  # it did try every layer in float
@@ -125,7 +129,11 @@ def test_detector_search_writes_a_covered_graph(
 ) -> None:
     folder: Path = calibrations["folder"]
     search, comparison = search_detector_int8(
-        export_graphs.detector, folder / "det.onnx", calibrations["detector"], "onnxruntime", evaluation,
+        export_graphs.detector,
+        folder / "det.onnx",
+        calibrations["detector"],
+        "onnxruntime",
+        evaluation,
         _canvases(calibrations["images"], 114),
     )
     assert search.path.is_file() and search.candidates > 10

@@ -27,12 +27,11 @@ from spine_edge.bundle import (
     EnsembleMember,
     Manifest,
     ModelEntry,
-    TensorSpec,
     sha256_file,
     write_manifest,
 )
-from spine_edge.export.bundle_writer import tensor_specs
 from spine_edge.constants import CLASS_NAMES, CLASSIFIER_PAD_VALUE, DETECTOR_PAD_VALUE
+from spine_edge.export.bundle_writer import tensor_specs
 
 OPSET = 17
 PROB_GAIN, PROB_CENTER = 10.0, 0.5
@@ -44,7 +43,9 @@ def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name))
 
 
-def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], name: str) -> onnx.ModelProto:
+def _model(
+    nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], name: str
+) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, name, inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="spine-edge-tests")
     model.ir_version = 8  # readable by any onnxruntime >= 1.14
@@ -156,7 +157,14 @@ def reference_detector(canvas: np.ndarray, grid: int, num_classes: int = len(CLA
     return np.concatenate([xy, side, side, scores], axis=1)
 
 
-def _entry(folder: Path, role: str, model: onnx.ModelProto, fmt: str = "onnx", build: BuildInfo | None = None, file: str | None = None) -> ModelEntry:
+def _entry(
+    folder: Path,
+    role: str,
+    model: onnx.ModelProto,
+    fmt: str = "onnx",
+    build: BuildInfo | None = None,
+    file: str | None = None,
+) -> ModelEntry:
     path = folder / (file or f"{role}.fp32.onnx")
     onnx.save(model, path)
     return _entry_for(role, path, fmt, build)
@@ -230,7 +238,10 @@ def make_bundle(
     detector = detector_model(detector_size, det_grid)
     models = [_entry(out, "classifier", classifier), _entry(out, "detector", detector)]
     if with_optimized:
-        models += [_optimized_entry(out, "classifier", optimized_version), _optimized_entry(out, "detector", optimized_version)]
+        models += [
+            _optimized_entry(out, "classifier", optimized_version),
+            _optimized_entry(out, "detector", optimized_version),
+        ]
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         bundle_id=models[0].sha256[:6] + models[1].sha256[:6],

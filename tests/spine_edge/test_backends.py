@@ -193,7 +193,9 @@ def test_tensorrt_backend_matches_the_reference(tmp_path: Path) -> None:
     plan = bundle / "classifier.fp32.plan"
     plan.write_bytes(bytes(builder.build_serialized_network(network, config)))
     gpu = load_cuda().device_info(0)
-    build = _plan_build(builder_version=trt.__version__, device=gpu.name, compute_capability=gpu.compute_capability, max_batch=4)
+    build = _plan_build(
+        builder_version=trt.__version__, device=gpu.name, compute_capability=gpu.compute_capability, max_batch=4
+    )
     x = _batch(3)
     with TensorRTBackend(plan, build, bundle) as backend:
         assert backend.input_specs()["image"].shape == ("batch", 1, 64, 64)
@@ -215,8 +217,13 @@ def _with_plans(bundle: Path, precisions: tuple[str, ...]) -> Manifest:
         path.write_bytes(precision.encode())
         plans.append(
             ModelEntry(
-                role="classifier", precision=precision, format="tensorrt", file=path.name,  # type: ignore[arg-type]
-                sha256=sha256_file(path), inputs=manifest.models[0].inputs, outputs=manifest.models[0].outputs,
+                role="classifier",
+                precision=precision,
+                format="tensorrt",
+                file=path.name,  # type: ignore[arg-type]
+                sha256=sha256_file(path),
+                inputs=manifest.models[0].inputs,
+                outputs=manifest.models[0].outputs,
                 build=_plan_build(),
             )
         )

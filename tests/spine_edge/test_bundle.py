@@ -106,7 +106,7 @@ def test_default_bundle_path_honours_environment(monkeypatch: pytest.MonkeyPatch
     assert default_bundle_path() == Path("/opt/kiosk/bundle")
 
 
-@pytest.mark.parametrize(("field", "value"), [("precision", "fp8"), ("format", "openvino"), ("role", "segmenter")])
+@pytest.mark.parametrize(("field", "value"), [("precision", "fp8"), ("format", "coreml"), ("role", "segmenter")])
 def test_a_value_outside_the_schema_literals_is_refused(tmp_path: Path, field: str, value: str) -> None:
     data = _manifest(tmp_path).to_dict()
     data["models"][0][field] = value

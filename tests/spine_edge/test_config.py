@@ -38,7 +38,7 @@ def test_field_default() -> None:
 
 def test_literal_values() -> None:
     assert literal_values(Precision) == PRECISIONS == ("fp32", "fp16", "int8")
-    assert literal_values(PrecisionChoice) == ("auto", *PRECISIONS)
+    assert literal_values(PrecisionChoice) == ("auto", "bf16", *PRECISIONS)  # bf16: OpenVINO on the FP32 graph
     with pytest.raises(TypeError, match="not a Literal"):
         literal_values(int)
     with pytest.raises(TypeError, match="non-string"):

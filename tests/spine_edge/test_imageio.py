@@ -67,13 +67,9 @@ def expect_error(call, path: Path, *words: str) -> ImageReadError:
 
 
 @pytest.mark.parametrize("syntax", sorted(TRANSFER_SYNTAXES))
-def test_window_maps_below_to_0_above_to_255_and_linear_between(
-    tmp_path: Path, syntax: str
-) -> None:
+def test_window_maps_below_to_0_above_to_255_and_linear_between(tmp_path: Path, syntax: str) -> None:
     pixels = ramp12()
-    path = write_test_dicom(
-        tmp_path / "w.dicom", pixels, window=(1500, 1001), transfer_syntax=syntax
-    )
+    path = write_test_dicom(tmp_path / "w.dicom", pixels, window=(1500, 1001), transfer_syntax=syntax)
     rad = read_image(path)
     assert rad.image.dtype == np.uint8 and rad.image.shape == (H, W)
     np.testing.assert_array_equal(rad.image, linear_window(pixels, 1500, 1001))
@@ -147,9 +143,7 @@ def test_no_window_stretches_between_the_percentiles(tmp_path: Path) -> None:
 
 def test_signed_pixels_with_window(tmp_path: Path) -> None:
     pixels = ramp12().astype(np.int16) - 1536
-    path = write_test_dicom(
-        tmp_path / "s.dcm", pixels, window=(0, 1001), transfer_syntax="jpeg2000-lossless"
-    )
+    path = write_test_dicom(tmp_path / "s.dcm", pixels, window=(0, 1001), transfer_syntax="jpeg2000-lossless")
     rad = read_image(path)
     np.testing.assert_array_equal(rad.image, linear_window(pixels, 0, 1001))
     assert rad.original_dtype == "int16"
@@ -205,7 +199,10 @@ def test_8bit_png_round_trip_with_unicode_path(tmp_path: Path) -> None:
     rad = read_image(path)
     np.testing.assert_array_equal(rad.image, pixels)
     assert (rad.kind, rad.bits_stored, rad.photometric, rad.windowing) == (
-        "raster", 8, "MONOCHROME2", "none",
+        "raster",
+        8,
+        "MONOCHROME2",
+        "none",
     )
     assert rad.pixel_spacing is None and rad.path == str(path)
 
@@ -310,9 +307,7 @@ def test_read_dicom_on_text_says_not_dicom(tmp_path: Path) -> None:
     expect_error(read_dicom, path, "not a DICOM file")
 
 
-@pytest.mark.parametrize(
-    ("sop_class", "name"), [(BASIC_TEXT_SR, "Basic Text SR"), (RT_PLAN, "RT Plan")]
-)
+@pytest.mark.parametrize(("sop_class", "name"), [(BASIC_TEXT_SR, "Basic Text SR"), (RT_PLAN, "RT Plan")])
 def test_dicom_without_pixel_data(tmp_path: Path, sop_class: str, name: str) -> None:
     path = write_test_dicom(tmp_path / "o.dcm", with_pixels=False, sop_class=sop_class)
     expect_error(read_image, path, "no pixel data", name)
@@ -434,9 +429,7 @@ def test_imageio_does_not_import_torch() -> None:
         " if m in sys.modules]\n"
         "print(bad)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
 
 

@@ -126,7 +126,9 @@ def test_a_gain_is_never_a_fail_and_a_large_one_is_flagged() -> None:
     """The issue's case: on a small set one low-score box of a rare class moves mAP by many points."""
     truth, found = _detection_set(40, seed=4)
     truth = [ImageBoxes(t.boxes[t.classes != 2], t.classes[t.classes != 2]) for t in truth]
-    reference = [ImageBoxes(f.boxes[f.classes != 2], f.classes[f.classes != 2], f.scores[f.classes != 2]) for f in found]
+    reference = [
+        ImageBoxes(f.boxes[f.classes != 2], f.classes[f.classes != 2], f.scores[f.classes != 2]) for f in found
+    ]
     rare = np.array([[10.0, 10.0, 30.0, 30.0]])
     truth[0] = ImageBoxes(np.vstack([truth[0].boxes, rare]), np.append(truth[0].classes, 2))
     candidate = list(reference)
