@@ -31,6 +31,7 @@ from spine_edge.bundle import (
 from spine_edge.io_utils import write_bytes_atomic, write_text_atomic
 from spine_edge.metrics import ACCURACY_GATES, ClassificationMetrics, DetectionMetrics
 from spine_edge.support import json_safe
+from spine_edge.verdict import RoleVerdict, Verdict, combine
 
 if TYPE_CHECKING:
     import onnx
@@ -47,6 +48,7 @@ TENSOR_ROLES_BY_NAME: Mapping[str, TensorRole] = {
     "prob": "probability",
     "cam": "cam",
     "yolo_raw": "yolo_raw",
+    "ood_score": "ood_score",
 }
 
 
@@ -162,23 +164,25 @@ def model_entry(
     )
 
 
+#: How a verdict maps onto the ``holds`` flag older readers of the report use (inconclusive: unknown).
+_HOLDS: dict[str, bool | None] = {"hold": True, "fail": False, "inconclusive": None}
+
+
 @dataclass(frozen=True)
 class PrecisionAccuracy:
-    """Accuracy of one lower-precision variant against FP32 on the same images.
+    """Accuracy of one lower-precision variant against FP32 on the same images, and its verdict.
 
     Attributes:
         variant: ``fp16``, ``int8-ort`` or ``int8-trt``.
-        precision: ``fp16`` or ``int8`` (selects the gate).
+        precision: ``fp16`` or ``int8`` (selects the gates).
         target: ``any``, ``onnxruntime`` or ``tensorrt``.
         classifier: Classifier metrics at τ.
-        delta_auroc_pt: AUROC minus FP32's, in points.
-        flips: Gate decisions that differ from FP32's.
-        max_abs_dprob: Largest probability difference from FP32.
         detector: Detector metrics.
-        delta_map50_pt: mAP@0.5 minus FP32's, in points.
-        delta_map50_95_pt: mAP@0.5:0.95 minus FP32's, in points.
-        auroc_gate_holds: ``|ΔAUROC|`` within the gate (None: not measurable, e.g. one class only).
-        map50_gate_holds: ``|ΔmAP@0.5|`` within the gate (None: not measurable).
+        classifier_verdict: Probability fidelity, CAM correlation, ΔAUROC with its interval, verdict.
+        detector_verdict: Box agreement with FP32, ΔmAP@0.5 with its interval, verdict.
+        delta_map50_95_pt: mAP@0.5:0.95 minus FP32's, in points (reported, not gated).
+        int8_coverage: Per role, the share of conv/matmul FLOPs running in INT8 kernels and the layers
+            left in float (:class:`spine_edge.export.coverage.Int8Coverage`); empty for FP16.
         how: How the numbers were obtained (e.g. FP16 emulation on ONNX Runtime CPU).
     """
 
@@ -186,21 +190,68 @@ class PrecisionAccuracy:
     precision: str
     target: str
     classifier: ClassificationMetrics | None
-    delta_auroc_pt: float
-    flips: int
-    max_abs_dprob: float
     detector: DetectionMetrics | None
-    delta_map50_pt: float
+    classifier_verdict: RoleVerdict
+    detector_verdict: RoleVerdict
     delta_map50_95_pt: float
-    auroc_gate_holds: bool | None
-    map50_gate_holds: bool | None
+    int8_coverage: dict[str, Any] = field(default_factory=dict)
     how: str = ""
 
     @property
+    def verdict(self) -> Verdict:
+        """Both roles' verdicts combined (:func:`spine_edge.verdict.combine`)."""
+        return combine((self.classifier_verdict.verdict, self.detector_verdict.verdict))
+
+    @property
     def holds(self) -> bool | None:
-        """Both gates hold (None if neither could be measured)."""
-        verdicts = [v for v in (self.auroc_gate_holds, self.map50_gate_holds) if v is not None]
-        return all(verdicts) if verdicts else None
+        """True on ``hold``, False on ``fail``, None on ``inconclusive``."""
+        return _HOLDS[self.verdict]
+
+    @property
+    def delta_auroc_pt(self) -> float:
+        """AUROC minus FP32's, in points."""
+        return self.classifier_verdict.task.delta_pt
+
+    @property
+    def delta_map50_pt(self) -> float:
+        """Detector mAP@0.5 minus FP32's, in points."""
+        return self.detector_verdict.task.delta_pt
+
+    @property
+    def flips(self) -> int:
+        """Gate decisions that differ from FP32's."""
+        fidelity = self.classifier_verdict.classifier
+        return 0 if fidelity is None else fidelity.flips
+
+    def summary(self) -> dict[str, Any]:
+        """The row's short form (the manifest's ``accuracy.variants`` entry; every key is also in :meth:`to_dict`)."""
+        cls, det = self.classifier_verdict.task, self.detector_verdict.task
+        return {
+            "verdict": self.verdict,
+            "holds": self.holds,
+            "delta_auroc_pt": self.delta_auroc_pt,
+            "delta_auroc_ci_pt": [cls.low_pt, cls.high_pt],
+            "flips": self.flips,
+            "delta_map50_pt": self.delta_map50_pt,
+            "delta_map50_ci_pt": [det.low_pt, det.high_pt],
+            "delta_map50_95_pt": self.delta_map50_95_pt,
+            "int8_flop_share": {role: c.get("int8_flop_share") for role, c in self.int8_coverage.items()},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's full row."""
+        return {
+            "variant": self.variant,
+            "precision": self.precision,
+            "target": self.target,
+            "how": self.how,
+            **self.summary(),
+            "classifier": None if self.classifier is None else self.classifier.to_dict(),
+            "detector": None if self.detector is None else self.detector.to_dict(),
+            "classifier_verdict": self.classifier_verdict.to_dict(),
+            "detector_verdict": self.detector_verdict.to_dict(),
+            "int8_coverage": self.int8_coverage,
+        }
 
 
 @dataclass(frozen=True)
@@ -214,8 +265,9 @@ class AccuracyReport:
         detector_fp32: FP32 detector metrics (the reference).
         variants: One row per lower-precision graph.
         parity: FP32 graph vs PyTorch (max abs differences), per role.
-        sensitivity: Per-member / per-group INT8 measurements and what was kept in FP32, per graph.
+        sensitivity: The INT8 layer search of each graph: per-layer sensitivities, steps, layers kept float.
         detector_eval: How detections were produced for mAP (conf, IoU, max_det).
+        bootstrap: How the verdict's intervals were drawn (resamples, level, seed).
     """
 
     eval_data: dict[str, Any]
@@ -226,12 +278,20 @@ class AccuracyReport:
     parity: dict[str, Any] = field(default_factory=dict)
     sensitivity: dict[str, Any] = field(default_factory=dict)
     detector_eval: dict[str, Any] = field(default_factory=dict)
+    bootstrap: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> Verdict:
+        """Every variant's verdict combined (``inconclusive`` without variants)."""
+        return combine(v.verdict for v in self.variants)
 
     @property
     def gates_hold(self) -> bool | None:
-        """Every variant's gates hold (None when nothing was measurable)."""
-        verdicts = [v.holds for v in self.variants if v.holds is not None]
-        return all(verdicts) if verdicts else None
+        """False when a variant fails, True when every one holds, None otherwise (inconclusive, or none measured).
+
+        ``spine-edge export`` exits 4 only on False.
+        """
+        return _HOLDS[self.verdict] if self.variants else None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (NaN becomes null)."""
@@ -241,10 +301,12 @@ class AccuracyReport:
                 "eval_data": self.eval_data,
                 "threshold": self.threshold,
                 "gates": {name: asdict(gate) for name, gate in ACCURACY_GATES.items()},
+                "bootstrap": self.bootstrap,
+                "verdict": self.verdict,
                 "gates_hold": self.gates_hold,
                 "classifier_fp32": self.classifier_fp32.to_dict(),
                 "detector_fp32": self.detector_fp32.to_dict(),
-                "variants": [asdict(v) | {"holds": v.holds} for v in self.variants],
+                "variants": [v.to_dict() for v in self.variants],
                 "parity": self.parity,
                 "sensitivity": self.sensitivity,
                 "detector_eval": self.detector_eval,
@@ -259,63 +321,94 @@ class AccuracyReport:
                 "eval_images": self.eval_data.get("images"),
                 "classifier_fp32_auroc": self.classifier_fp32.auroc,
                 "detector_fp32_map50": self.detector_fp32.map50,
+                "verdict": self.verdict,
                 "gates_hold": self.gates_hold,
-                "variants": {
-                    v.variant: {
-                        "delta_auroc_pt": v.delta_auroc_pt,
-                        "flips": v.flips,
-                        "delta_map50_pt": v.delta_map50_pt,
-                        "delta_map50_95_pt": v.delta_map50_95_pt,
-                        "holds": v.holds,
-                    }
-                    for v in self.variants
-                },
+                "variants": {v.variant: v.summary() for v in self.variants},
+                "int8_coverage": {v.variant: v.int8_coverage for v in self.variants if v.int8_coverage},
                 "report": "accuracy_report.json",
             }
         )
 
     def to_markdown(self) -> str:
-        """A human-readable table of the report."""
+        """A human-readable table of the report: metrics, intervals, fidelity, verdicts, INT8 coverage."""
         c, d = self.classifier_fp32, self.detector_fp32
+        level = self.bootstrap.get("level", 0.95)
         lines = [
             "# Export accuracy report",
             "",
             f"Evaluation: {self.eval_data.get('images')} images of `{self.eval_data.get('folder')}` "
-            f"(split {self.eval_data.get('split')}), gate threshold τ = {self.threshold:.4f}. "
-            f"Deltas are against FP32, in percentage points.",
+            f"(split {self.eval_data.get('split')}), gate threshold τ = {self.threshold:.4f}. Deltas are against "
+            f"FP32, in percentage points, with {level:.0%} paired bootstrap intervals "
+            f"({self.bootstrap.get('n_boot', '?')} resamples of the same images for both precisions).",
             "",
-            "| variant | AUROC | ΔAUROC | sens@τ | spec@τ | flips | mAP@0.5 | ΔmAP@0.5 | mAP@.5:.95 | Δ | gates |",
+            "| variant | AUROC | ΔAUROC [CI] | flips | max/mean \\|Δp\\| | CAM r | mAP@0.5 | ΔmAP@0.5 [CI] "
+            "| box agreement AP | INT8 FLOPs cls / det | verdict |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
-            f"| fp32 | {_pct(c.auroc)} | – | {_pct(c.sensitivity)} | {_pct(c.specificity)} | – | "
-            f"{_pct(d.map50)} | – | {_pct(d.map50_95)} | – | reference |",
+            f"| fp32 | {_pct(c.auroc)} | – | – | – | – | {_pct(d.map50)} | – | – | – | reference |",
         ]
         for v in self.variants:
-            vc, vd = v.classifier, v.detector
-            gate = ACCURACY_GATES[v.precision]
-            verdict = {True: "hold", False: "FAIL", None: "n/a"}[v.holds]
+            cv, dv = v.classifier_verdict, v.detector_verdict
+            fid, agree = cv.classifier, dv.detector
+            dprob = f"{fid.max_abs_dprob:.3g} / {fid.mean_abs_dprob:.3g}" if fid else "–"
+            cam = "–" if cv.cam_correlation is None or math.isnan(cv.cam_correlation) else f"{cv.cam_correlation:.3f}"
+            share = " / ".join(_share(v.int8_coverage.get(role)) for role in ("classifier", "detector"))
             lines.append(
-                f"| {v.variant} | {_pct(vc.auroc if vc else math.nan)} | {_signed(v.delta_auroc_pt)} | "
-                f"{_pct(vc.sensitivity if vc else math.nan)} | {_pct(vc.specificity if vc else math.nan)} | "
-                f"{v.flips} | {_pct(vd.map50 if vd else math.nan)} | {_signed(v.delta_map50_pt)} | "
-                f"{_pct(vd.map50_95 if vd else math.nan)} | {_signed(v.delta_map50_95_pt)} | "
-                f"{verdict} (≤{gate.auroc_pt:g} / ≤{gate.map50_pt:g}) |"
+                f"| {v.variant} | {_pct(v.classifier.auroc if v.classifier else math.nan)} | {_interval(cv)} | "
+                f"{v.flips} | {dprob} | {cam} | {_pct(v.detector.map50 if v.detector else math.nan)} | "
+                f"{_interval(dv)} | {agree.ap if agree else math.nan:.3f} | {share if v.int8_coverage else '–'} | "
+                f"**{v.verdict}** (cls {cv.verdict}, det {dv.verdict}) |"
             )
-        lines += ["", "Gates (DESIGN.md): FP16 |ΔAUROC| ≤ 0.3, |ΔmAP@0.5| ≤ 0.5; INT8 ≤ 1.0 / ≤ 1.5 points.", ""]
+        gates = "; ".join(
+            f"{name.upper()}: ΔAUROC ≥ −{g.auroc_pt:g}, ΔmAP@0.5 ≥ −{g.map50_pt:g} pt, "
+            f"max |Δp| ≤ {g.fidelity.max_abs_dprob:g}, flips ≤ {g.fidelity.max_flip_fraction:.0%} (one image at "
+            f"least), box agreement AP ≥ {g.fidelity.min_box_ap:g}"
+            for name, g in ACCURACY_GATES.items()
+        )
+        lines += [
+            "",
+            f"Gates (spine_edge.metrics.ACCURACY_GATES): {gates}. Verdict: `fail` if a fidelity gate breaks or the "
+            "whole interval lies below −gate; `hold` if the interval's lower end is at or above −gate; otherwise "
+            "`inconclusive` (too few images to tell). A gain never fails.",
+            "",
+        ]
         for v in self.variants:
             if v.how:
                 lines.append(f"- {v.variant}: {v.how}")
+            for verdict in (v.classifier_verdict, v.detector_verdict):
+                for text in (*verdict.failures, *verdict.notes):
+                    lines.append(f"  - {verdict.role}: {text}")
+            for role, coverage in v.int8_coverage.items():
+                floats = coverage.get("float_layers") or []
+                lines.append(
+                    f"  - {role}: {_share(coverage)} of conv/matmul FLOPs run in INT8 kernels after ONNX Runtime's "
+                    f"optimisation; {len(floats)} layer(s) in float"
+                    + (f": {', '.join(floats[:8])}" if floats else "")
+                    + (" …" if len(floats) > 8 else "")
+                )
         for graph, record in self.sensitivity.items():
-            kept = record.get("kept_fp32") or ["nothing beyond preprocessing and output tail"]
-            lines.append(f"- {graph}: kept in FP32: {', '.join(kept)}")
+            kept = record.get("kept_fp32") or []
+            lines.append(
+                f"- {graph}: layer search kept {len(kept)} of {record.get('candidates', '?')} weighted layers in FP32"
+                + (f" ({', '.join(kept[:8])}{' …' if len(kept) > 8 else ''})" if kept else "")
+            )
         return "\n".join(lines) + "\n"
+
+
+def _interval(verdict: RoleVerdict) -> str:
+    task = verdict.task
+    if not task.measurable:
+        return "–"
+    return f"{task.delta_pt:+.2f} [{task.low_pt:+.2f}, {task.high_pt:+.2f}]"
+
+
+def _share(coverage: Mapping[str, Any] | None) -> str:
+    if not coverage or coverage.get("int8_flop_share") is None:
+        return "–"
+    return f"{100 * float(coverage['int8_flop_share']):.1f} %"
 
 
 def _pct(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}"
-
-
-def _signed(value: float) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:+.2f}"
 
 
 def write_accuracy_report(bundle: Path, report: AccuracyReport) -> tuple[Path, Path]:

@@ -5,6 +5,10 @@ per member: three channels, ``(x - mean) / std`` with the member's own timm stat
 GAP + linear head, sigmoid, mean over views → weighted sum → ``prob [N]`` and the normalised
 class-activation map ``cam [N, h, w]``. The traced module is ``training.models.DERNetEnsemble``
 built from the checkpoints and ``ensemble.json``: the engine computes what validation measured.
+
+With training images at export, :func:`attach_ood` adds ``ood_score [N]``: the in-distribution score
+of :mod:`spine_edge.export.ood` on each member's pooled identity-view features, computed in the same pass (a subtraction, a matrix product and a sum of
+squares per member), so every precision and engine built from this graph carries it.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from spine_edge.export.bundle_writer import trace_to_onnx
 from spine_edge.errors import SpineEdgeError
+from spine_edge.export.bundle_writer import trace_to_onnx
+from spine_edge.export.ood import DEFAULT_PERCENTILE, OodThreshold, choose_threshold, fit_ood
 
 INPUT_NAME = "image"
 PROB_NAME = "prob"
 CAM_NAME = "cam"
+OOD_NAME = "ood_score"
 
 
 @dataclass(frozen=True)
@@ -136,11 +142,46 @@ def member_scope(index: int) -> str:
     return f"/members.{index}/"
 
 
+def pooled_features(ensemble: torch.nn.Module, images: np.ndarray, batch_size: int = 16) -> list[np.ndarray]:
+    """Each member's pooled identity-view features ``[N, C_m]`` of uint8 ``[N, 1, S, S]`` canvases."""
+    parts: list[list[np.ndarray]] = [[] for _ in ensemble.members]
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            for part, features in zip(parts, ensemble.forward_with_features(chunk)[2], strict=True):
+                part.append(features.numpy().astype(np.float64))
+    return [np.concatenate(p) for p in parts]
+
+
+def attach_ood(
+    ensemble: torch.nn.Module, train_images: np.ndarray, val_images: np.ndarray, percentile: float = DEFAULT_PERCENTILE
+) -> OodThreshold:
+    """Fit the in-distribution score on training canvases, add it to the ensemble, threshold it on validation.
+
+    After this the ensemble outputs ``(prob, cam, ood_score)`` and :func:`export_classifier_graph`
+    writes the third output.
+
+    Args:
+        ensemble: The eval-mode ``DERNetEnsemble`` (changed in place: ``set_ood``).
+        train_images: uint8 ``[N, 1, S, S]`` letterboxed training images (what the members learned from).
+        val_images: uint8 ``[M, 1, S, S]`` validation images (never seen by the fit).
+        percentile: Validation percentile that becomes the threshold.
+
+    Returns:
+        The threshold with its context (for the manifest).
+    """
+    train_features = pooled_features(ensemble, train_images)
+    model = fit_ood(train_features)
+    ensemble.set_ood([fit.mean for fit in model.members], [fit.whitening for fit in model.members])
+    return choose_threshold(model.score(pooled_features(ensemble, val_images)), model.score(train_features), percentile)
+
+
 def export_classifier_graph(ensemble: torch.nn.Module, out: Path, input_size: int) -> Path:
     """Trace the ensemble to the FP32 classifier graph.
 
     Args:
-        ensemble: An eval-mode ``DERNetEnsemble`` (see :func:`build_ensemble`).
+        ensemble: An eval-mode ``DERNetEnsemble`` (see :func:`build_ensemble`); after :func:`attach_ood`
+            the graph also outputs ``ood_score``.
         out: ONNX file to write.
         input_size: Side of the square uint8 input.
 
@@ -152,18 +193,27 @@ def export_classifier_graph(ensemble: torch.nn.Module, out: Path, input_size: in
         >>> export_classifier_graph(build_ensemble(spec), Path("bundle/classifier.fp32.onnx"), spec.input_size)  # doctest: +SKIP
     """
     example = torch.zeros((1, 1, input_size, input_size), dtype=torch.uint8)
+    outputs = [PROB_NAME, CAM_NAME, *([OOD_NAME] if getattr(ensemble, "has_ood", False) else [])]
     return trace_to_onnx(
         ensemble,
         example,
         out,
         input_names=[INPUT_NAME],
-        output_names=[PROB_NAME, CAM_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, PROB_NAME: {0: "batch"}, CAM_NAME: {0: "batch"}},
+        output_names=outputs,
+        dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
     )
 
 
 def run_ensemble(ensemble: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The PyTorch reference: ``(prob [N], cam [N, h, w])`` of uint8 ``[N, 1, S, S]`` images."""
     with torch.no_grad():
-        prob, cam = ensemble(torch.from_numpy(np.ascontiguousarray(images)))
+        prob, cam = ensemble(torch.from_numpy(np.ascontiguousarray(images)))[:2]
     return prob.numpy(), cam.numpy()
+
+
+def run_ood(ensemble: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    """The PyTorch reference ``ood_score [N]`` of uint8 ``[N, 1, S, S]`` images (after :func:`attach_ood`)."""
+    with torch.no_grad():
+        score = ensemble(torch.from_numpy(np.ascontiguousarray(images)))[2]
+    out: np.ndarray = score.numpy()
+    return out

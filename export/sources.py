@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spine_edge.bundle import ClassifierInfo, DetectorInfo, EnsembleMember
+from spine_edge.bundle import ClassifierInfo, DetectorInfo, EnsembleMember, OodInfo
 from spine_edge.constants import CLASSIFIER_PAD_VALUE, DETECTOR_PAD_VALUE
 from spine_edge.errors import SpineEdgeError
 from spine_edge.export.classifier_graph import EnsembleSpec
@@ -102,8 +102,8 @@ class ExportSources:
         """Data fingerprint the checkpoints were trained on ("" if not recorded)."""
         return str(self.spec.raw.get("data_fingerprint") or self.detector_meta.get("data_fingerprint", ""))
 
-    def classifier_info(self, cam_shape: tuple[int, int]) -> ClassifierInfo:
-        """The manifest's ``classifier`` section."""
+    def classifier_info(self, cam_shape: tuple[int, int], ood: OodInfo | None = None) -> ClassifierInfo:
+        """The manifest's ``classifier`` section (``ood``: the in-distribution threshold, if fitted)."""
         return ClassifierInfo(
             input_size=self.spec.input_size,
             members=tuple(EnsembleMember(m.name, m.arch, m.weight) for m in self.spec.members),
@@ -112,6 +112,7 @@ class ExportSources:
             cam_shape=cam_shape,
             resize="letterbox",
             pad_value=CLASSIFIER_PAD_VALUE,
+            ood=ood,
         )
 
     def detector_info(self) -> DetectorInfo:

@@ -51,7 +51,8 @@ TensorRole = Literal["image", "probability", "cam", "yolo_raw", "ood_score"]
 TENSOR_ROLES: tuple[TensorRole, ...] = get_args(TensorRole)
 #: ``onnx``: exported graph (ONNX Runtime runs it; TensorRT builds from it). ``tensorrt``: a plan built
 #: on the target box. ``onnx-optimized``: ONNX Runtime's optimised graph saved for this CPU/ORT version.
-ModelFormat = Literal["onnx", "tensorrt", "onnx-optimized"]
+#: ``openvino``: an ONNX file OpenVINO was measured faster on, on this CPU (``build-engines``; same file and sha256).
+ModelFormat = Literal["onnx", "tensorrt", "onnx-optimized", "openvino"]
 MODEL_FORMATS: tuple[ModelFormat, ...] = get_args(ModelFormat)
 
 
@@ -169,7 +170,8 @@ class OodInfo:
     """The in-distribution score the classifier graph outputs (``ood_score``), and its threshold.
 
     Attributes:
-        threshold: Scores above this are out of distribution (the validation percentile below).
+        threshold: Scores above this are out of distribution: the validation percentile below, estimated
+            from a log-normal fit of the validation scores (never below their sample percentile).
         percentile: Validation percentile the threshold is.
         n_val: Validation images it was chosen on.
         method: How the score is computed (``mahalanobis-ledoit-wolf``: mean over members of the squared

@@ -6,8 +6,9 @@ end. The JSON form (:meth:`CascadeResult.to_dict`) is the contract for downstrea
 
 ``source, status ("ok"|"refused"|"error"), error, refusal {code, reason} (refused only), flags
 [{code, reason}], ood_score, probability, decision, threshold, detector_ran, detections [{class_id,
-class_name, score, box [x1, y1, x2, y2] in original pixels}], image_size [height, width], heatmap,
-overlay (output-relative paths or null), latency_ms {read, preprocess, classifier, detector,
+class_name, score, box [x1, y1, x2, y2] in original pixels}], image_size [height, width],
+decoded_size [height, width] (the decoded image the overlay and heatmap PNGs show: smaller than
+image_size after a reduced-resolution JPEG 2000 decode), heatmap, overlay (output-relative paths or null), latency_ms {read, preprocess, classifier, detector,
 postprocess, total}, bundle_id, precision, backend``.
 
 ``refused`` means the file was read but the bundle must not judge it (see :mod:`spine_edge.guard`):
@@ -25,7 +26,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -61,6 +62,34 @@ class Detection:
     class_name: str
     score: float
     box: tuple[float, float, float, float]
+
+
+def decode_scale(image_size: tuple[int, int] | list[int], decoded_size: tuple[int, int] | list[int]) -> float:
+    """Decoded pixels per original pixel, ``2 ** -level``, of an image decoded at a JPEG 2000 resolution level.
+
+    Args:
+        image_size: ``(height, width)`` of the original image.
+        decoded_size: ``(height, width)`` decoded: each side of ``image_size`` divided by ``2 ** level``,
+            rounded up (what OpenJPEG returns at that level).
+
+    Raises:
+        ValueError: The sizes are no such pair (e.g. a picture of another image).
+
+    Example:
+        >>> decode_scale((2801, 2300), (701, 575))
+        0.25
+    """
+    (rows, columns), (reduced_rows, reduced_columns) = image_size, decoded_size
+    for level in range(32):
+        step = 1 << level
+        if (-(-rows // step), -(-columns // step)) == (reduced_rows, reduced_columns):
+            return 1.0 / step
+        if step > max(rows, columns):
+            break
+    raise ValueError(
+        f"{tuple(decoded_size)} is not a reduced-resolution decode of a {tuple(image_size)} image "
+        "(each side divided by a power of two, rounded up)"
+    )
 
 
 @dataclass(frozen=True)
@@ -107,6 +136,9 @@ class CascadeResult:
         detector_ran: Whether the detector looked at the image (gate passed, or forced).
         detections: Lesion boxes in original pixels, by descending score.
         image_size: ``(height, width)`` of the original image.
+        decoded_size: ``(height, width)`` of :attr:`image`, the size the overlay and heatmap PNGs have:
+            ``image_size`` divided by ``2 ** level`` (rounded up) after a decode at JPEG 2000 resolution
+            level ``level`` (:func:`decode_scale`), else ``image_size``.
         heatmap: Path of the written heatmap PNG relative to the output folder (folder runs), or None.
         overlay: Path of the written box overlay PNG relative to the output folder, or None.
         latency_ms: Time per stage.
@@ -130,6 +162,7 @@ class CascadeResult:
     detector_ran: bool = False
     detections: tuple[Detection, ...] = ()
     image_size: tuple[int, int] | None = None
+    decoded_size: tuple[int, int] | None = None
     heatmap: str | None = None
     overlay: str | None = None
     latency_ms: StageLatency = field(default_factory=StageLatency)
@@ -146,10 +179,33 @@ class CascadeResult:
         return self.status == "ok"
 
     def heatmap_image(self) -> np.ndarray | None:
-        """The class-activation map resized to the original image, float32 ``[H, W]``, or None."""
+        """The class-activation map resized to :attr:`image` (``decoded_size``), float32 ``[H, W]``, or None."""
         if self.cam is None or self.letterbox is None:
             return None
         return self.letterbox.heatmap_to_source(self.cam)
+
+    def detections_on_image(self) -> tuple[Detection, ...]:
+        """:attr:`detections` with their boxes in :attr:`image` pixels, for drawing on it.
+
+        The inverse of :meth:`spine_edge.imageio.Radiograph.boxes_to_original`: decoded pixel ``i`` is
+        centred on original pixel ``i / scale``.
+        """
+        if self.image_size is None or self.decoded_size is None or self.decoded_size == self.image_size:
+            return self.detections
+        scale = decode_scale(self.image_size, self.decoded_size)
+        h, w = self.decoded_size
+        return tuple(
+            replace(
+                d,
+                box=(
+                    min(max((d.box[0] - 0.5) * scale + 0.5, 0.0), w),
+                    min(max((d.box[1] - 0.5) * scale + 0.5, 0.0), h),
+                    min(max((d.box[2] - 0.5) * scale + 0.5, 0.0), w),
+                    min(max((d.box[3] - 0.5) * scale + 0.5, 0.0), h),
+                ),
+            )
+            for d in self.detections
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (arrays left out)."""
@@ -174,6 +230,7 @@ class CascadeResult:
                 for d in self.detections
             ],
             "image_size": None if self.image_size is None else list(self.image_size),
+            "decoded_size": None if self.decoded_size is None else list(self.decoded_size),
             "heatmap": self.heatmap,
             "overlay": self.overlay,
             "latency_ms": self.latency_ms.to_dict(),
@@ -228,7 +285,10 @@ def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
         "refusal_reason": (record.get("refusal") or {}).get("reason"),
         "flags": ";".join(f.get("code", "") for f in record.get("flags") or []) or None,
     }
-    row |= {f"latency_{stage}_ms": latency.get(stage) for stage in ("read", "preprocess", "classifier", "detector", "postprocess", "total")}
+    row |= {
+        f"latency_{stage}_ms": latency.get(stage)
+        for stage in ("read", "preprocess", "classifier", "detector", "postprocess", "total")
+    }
     return {k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS}
 
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,12 @@ from torch import nn
 
 from spine_edge.errors import SpineEdgeError
 from spine_edge.tta import DEFAULT_VIEWS, TTAView, views_by_name
-from spine_edge.training.checkpoints import CheckpointError, ClassifierCheckpoint, ClassifierMeta, load_classifier_checkpoint
+from spine_edge.training.checkpoints import (
+    CheckpointError,
+    ClassifierCheckpoint,
+    ClassifierMeta,
+    load_classifier_checkpoint,
+)
 
 #: Floor of the per-image CAM maximum, so an all-zero map stays zero instead of dividing by zero. A
 #: normal FP16 number (>= 6.1e-5), so an FP16 engine that flushes subnormals still divides by it.
@@ -126,7 +132,9 @@ def build_backbone(arch: str, *, pretrained: Path | None = None) -> nn.Module:
         1
     """
     if not timm.is_model(arch):
-        raise ArchitectureError(f"{arch!r} is not a timm model name: check the profile or --arch (timm {timm.__version__})")
+        raise ArchitectureError(
+            f"{arch!r} is not a timm model name: check the profile or --arch (timm {timm.__version__})"
+        )
     model = timm.create_model(arch, pretrained=False, num_classes=1, in_chans=3)
     check_gap_linear_head(model, arch)
     if pretrained is not None:
@@ -142,11 +150,15 @@ def load_pretrained_weights(model: nn.Module, arch: str, path: Path) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: pretrained weights file not found (pass a local state-dict file; nothing is downloaded)")
+        raise CheckpointError(
+            f"{path}: pretrained weights file not found (pass a local state-dict file; nothing is downloaded)"
+        )
     try:
         state = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as exc:  # torch/safetensors raise many types for a corrupt or foreign file
-        raise CheckpointError(f"{path}: cannot read as a state dict ({exc}); pass a .pth/.pt/.safetensors weights file") from exc
+        raise CheckpointError(
+            f"{path}: cannot read as a state dict ({exc}); pass a .pth/.pt/.safetensors weights file"
+        ) from exc
     head_name = model.pretrained_cfg.get("classifier", "")
     prefixes = tuple(f"{name}." for name in ([head_name] if isinstance(head_name, str) else head_name) if name)
     kept = {k: v for k, v in state.items() if not k.startswith(prefixes)}
@@ -293,7 +305,19 @@ class TTAClassifier(nn.Module):
         self.warped = tuple(not _is_identity(view) for view in views)
         self.register_buffer("grids", torch.stack(grids) if grids else torch.zeros(0, s, s, 2), persistent=False)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor, features: bool = False) -> tuple[torch.Tensor, ...]:
+        """``(prob [N], cam [N, h, w])``, plus the identity view's pooled features ``[N, C]`` with ``features``
+        (as :class:`DERNetEnsemble` calls its members).
+
+        The pooled features are what the linear head sees; export fits the in-distribution score on them
+        (``spine_edge.export.ood``) and computes it inside the same graph, at no extra backbone pass. They
+        come out of ``forward`` (not another method) so that the traced graph keeps each member's nodes
+        under its module scope, which export's member and sensitivity analysis rely on.
+        """
+        prob, cam, pooled = self._run(image)
+        return (prob, cam, pooled) if features else (prob, cam)
+
+    def _run(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = image.shape[0]
         unit = self.to_input.scale(image)
         batches = []
@@ -307,11 +331,12 @@ class TTAClassifier(nn.Module):
                 batches.append(unit)
         views = len(batches)
         features = self.backbone.forward_features(self.to_input.normalise(torch.cat(batches, dim=0)))
-        logits = self.head(features.mean(dim=(2, 3))).view(views, n)
+        pooled = features.mean(dim=(2, 3))
+        logits = self.head(pooled).view(views, n)
         prob = torch.sigmoid(logits).mean(dim=0)
         identity_features = features[self.identity_index * n : (self.identity_index + 1) * n]
         cam = normalise_cam(class_activation_map(identity_features, self.head))
-        return prob, cam
+        return prob, cam, pooled[self.identity_index * n : (self.identity_index + 1) * n]
 
 
 class DERNetEnsemble(nn.Module):
@@ -336,14 +361,52 @@ class DERNetEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.weights = tuple(float(w) for w in weights)
         self.input_size = sizes.pop()
+        self.has_ood = False
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = [member(image) for member in self.members]
-        height = max(cam.shape[1] for _, cam in outputs)
-        width = max(cam.shape[2] for _, cam in outputs)
-        prob = sum(w * p for w, (p, _) in zip(self.weights, outputs))
-        cam = sum(w * _resize_cam(c, height, width) for w, (_, c) in zip(self.weights, outputs))
-        return prob, normalise_cam(cam)
+    def set_ood(self, means: Sequence[np.ndarray], whitenings: Sequence[np.ndarray]) -> None:
+        """Add the in-distribution score as a third output: ``Σ_m ||(pooled_m - mean_m) whitening_m||²``.
+
+        Export calls this with the fit of ``spine_edge.export.ood`` before tracing; training never does,
+        so training and validation run exactly as before. The buffers are not persistent: checkpoints
+        do not change.
+
+        Args:
+            means: One ``[C_m]`` feature mean per member.
+            whitenings: One ``[C_m, C_m]`` whitening matrix per member (the ``1 / (C_m M)`` scaling included).
+        """
+        if len(means) != len(self.members) or len(whitenings) != len(self.members):
+            raise ValueError(f"need one mean and one whitening per member ({len(self.members)}), "
+                             f"got {len(means)} and {len(whitenings)}")  # fmt: skip
+        for i, (mean, whitening) in enumerate(zip(means, whitenings)):
+            self.register_buffer(f"ood_mean_{i}", torch.as_tensor(mean, dtype=torch.float32), persistent=False)
+            self.register_buffer(
+                f"ood_whitening_{i}", torch.as_tensor(whitening, dtype=torch.float32), persistent=False
+            )
+        self.has_ood = True
+
+    def ood_score(self, pooled: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The in-distribution score ``[N]`` of the members' pooled features (after :meth:`set_ood`)."""
+        score = torch.zeros(pooled[0].shape[0], dtype=pooled[0].dtype, device=pooled[0].device)
+        for i, features in enumerate(pooled):
+            z = (features - getattr(self, f"ood_mean_{i}")) @ getattr(self, f"ood_whitening_{i}")
+            score = score + (z * z).sum(dim=1)
+        return score
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(prob [N], cam [N, h, w])``, plus ``ood_score [N]`` once :meth:`set_ood` was called."""
+        prob, cam, pooled = self.forward_with_features(image)
+        if not self.has_ood:
+            return prob, cam
+        return prob, cam, self.ood_score(pooled)
+
+    def forward_with_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """``(prob [N], cam [N, h, w], [pooled_m [N, C_m] per member])`` (see :meth:`TTAClassifier.forward`)."""
+        outputs = [member(image, features=True) for member in self.members]
+        height = max(cam.shape[1] for _, cam, _ in outputs)
+        width = max(cam.shape[2] for _, cam, _ in outputs)
+        prob = sum(w * p for w, (p, _, _) in zip(self.weights, outputs))
+        cam = sum(w * _resize_cam(c, height, width) for w, (_, c, _) in zip(self.weights, outputs))
+        return prob, normalise_cam(cam), [pooled for _, _, pooled in outputs]
 
 
 def _resize_cam(cam: torch.Tensor, height: int, width: int) -> torch.Tensor:

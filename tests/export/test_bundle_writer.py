@@ -23,7 +23,8 @@ from spine_edge.preprocess import letterbox
 from tests.export.conftest import EXPORT_MEMBERS, EXPORT_SIZE, EXPORT_THRESHOLD
 
 TENSOR_ROLES = {
-    "classifier": [("image", "image"), ("prob", "probability"), ("cam", "cam")],
+    # The export fixture has training images, so the classifier carries the in-distribution score.
+    "classifier": [("image", "image"), ("prob", "probability"), ("cam", "cam"), ("ood_score", "ood_score")],
     "detector": [("image", "image"), ("yolo_raw", "yolo_raw")],
 }
 VARIANTS = {  # file -> (role, precision, target)
@@ -66,7 +67,9 @@ def test_manifest_lists_every_graph_with_matching_hashes(bundle: Path) -> None:
         assert (entry.role, entry.precision, entry.target, entry.format) == (role, precision, target, "onnx")
         assert entry.sha256 == hashlib.sha256((bundle / file).read_bytes()).hexdigest()
         (image,) = entry.inputs
-        assert image.name == "image" and image.dtype == "uint8" and image.shape == ("batch", 1, EXPORT_SIZE, EXPORT_SIZE)
+        assert (
+            image.name == "image" and image.dtype == "uint8" and image.shape == ("batch", 1, EXPORT_SIZE, EXPORT_SIZE)
+        )
         assert all(o.dtype == "float32" for o in entry.outputs)
         # FP16 and INT8 graphs keep the FP32 graph's tensor names, so every file's tensors carry a role.
         assert [(t.name, t.role) for t in (*entry.inputs, *entry.outputs)] == TENSOR_ROLES[role], file
@@ -121,27 +124,39 @@ def test_report_fp32_metrics_are_what_the_graph_computes(bundle: Path, report: d
     assert report["parity"]["detector_max_abs_dscore"] <= 1e-4
     for row in report["variants"]:
         gate = report["gates"][row["precision"]]
-        if row["delta_auroc_pt"] is not None:
-            assert row["auroc_gate_holds"] == (abs(row["delta_auroc_pt"]) <= gate["auroc_pt"])
+        for role, limit in (("classifier", gate["auroc_pt"]), ("detector", gate["map50_pt"])):
+            verdict = row[f"{role}_verdict"]
+            low = verdict["task"]["low_pt"]
+            assert verdict["task"]["gate_pt"] == limit
+            if not verdict["failures"] and low is not None and low >= -limit:
+                assert verdict["verdict"] == "hold"
+        assert row["verdict"] in ("hold", "inconclusive", "fail")
+        assert row["holds"] == {"hold": True, "fail": False, "inconclusive": None}[row["verdict"]]
         assert row["classifier"]["threshold"] == EXPORT_THRESHOLD
     markdown = (bundle / "accuracy_report.md").read_text()
     assert all(f"| {v} |" in markdown for v in ("fp32", "fp16", "int8-trt", "int8-ort"))
 
 
-def test_members_kept_in_fp32_have_no_qdq(bundle: Path, report: dict) -> None:
+def test_int8_layer_search_and_coverage_are_reported(bundle: Path, report: dict) -> None:
+    """Layers kept in FP32 carry no Q/DQ on their weights, and the report and manifest carry the coverage."""
     manifest = load_manifest(bundle)
-    for variant, file in (("int8-trt", "classifier.int8.trt.onnx"), ("int8-ort", "classifier.int8.ort.onnx")):
-        record = report["sensitivity"][f"classifier {variant}"]
-        assert record["steps"] and set(record["steps"][0]["member_delta_auroc_pt"]) == {a for a, _ in EXPORT_MEMBERS}
-        nodes = onnx.load(str(bundle / file)).graph.node
-        dequantised = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
-        for index, (arch, _) in enumerate(EXPORT_MEMBERS):
-            convs = [n for n in nodes if n.op_type == "Conv" and n.name.startswith(f"/members.{index}/")]
-            int8_convs = [n for n in convs if n.input[1] in dequantised]
-            assert convs and bool(int8_convs) == (f"{arch} (whole member)" not in record["kept_fp32"]), (variant, arch)
-        entry = next(m for m in manifest.models if m.file == file)
-        for kept in record["kept_fp32"]:
-            assert kept in entry.notes
+    for variant in ("int8-trt", "int8-ort"):
+        row = next(r for r in report["variants"] if r["variant"] == variant)
+        for role in ("classifier", "detector"):
+            record = report["sensitivity"][f"{role} {variant}"]
+            assert record["steps"] and record["candidates"] > 0
+            coverage = row["int8_coverage"][role]
+            assert coverage == record["int8_coverage"] == manifest.accuracy["int8_coverage"][variant][role]
+            assert 0.0 <= coverage["int8_flop_share"] <= 1.0
+            file = f"{role}.{variant.replace('-', '.')}.onnx"
+            nodes = onnx.load(str(bundle / file)).graph.node
+            dequantised = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+            for node in nodes:
+                if node.name in record["kept_fp32"]:
+                    assert node.input[1] not in dequantised, (file, node.name)
+            entry = next(m for m in manifest.models if m.file == file)
+            assert "of conv/matmul FLOPs in INT8" in entry.notes
+    assert "INT8 FLOPs" in (bundle / "accuracy_report.md").read_text()
 
 
 def test_bundle_id_depends_on_content_and_order(tmp_path: Path) -> None:
@@ -153,13 +168,21 @@ def test_bundle_id_depends_on_content_and_order(tmp_path: Path) -> None:
 
 def test_invalid_graphs_are_not_written(tmp_path: Path) -> None:
     node = helper.make_node("Relu", ["x"], ["y"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.INT64, [2])])  # wrong output type
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [2])],
+    )  # wrong output type
     with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
         write_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "bad.onnx")
     assert not list(tmp_path.iterdir())
-    good = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
+    good = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+    )
     path = write_onnx(helper.make_model(good, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "ok.onnx")
     entry = model_entry(tmp_path, path, "classifier", "fp32")
     assert entry.inputs[0].shape == ("n",) and entry.outputs[0].dtype == "float32"
@@ -175,9 +198,19 @@ def test_cli_reports_missing_inputs(tmp_path: Path) -> None:
 
 
 def test_stale_export_files_are_removed_and_others_kept(tmp_path: Path) -> None:
-    for name in ("classifier.fp32.onnx", "classifier.int8.trt.onnx", "detector.fp16.onnx", "accuracy_report.md",
-                 "classifier.int8.trt.plan", "notes.txt"):
+    for name in (
+        "classifier.fp32.onnx",
+        "classifier.int8.trt.onnx",
+        "detector.fp16.onnx",
+        "accuracy_report.md",
+        "classifier.int8.trt.plan",
+        "notes.txt",
+    ):
         (tmp_path / name).write_text("x")
     removed = remove_stale_files(tmp_path, [tmp_path / "classifier.fp32.onnx"])
     assert sorted(p.name for p in removed) == ["accuracy_report.md", "classifier.int8.trt.onnx", "detector.fp16.onnx"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.fp32.onnx", "classifier.int8.trt.plan", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "classifier.fp32.onnx",
+        "classifier.int8.trt.plan",
+        "notes.txt",
+    ]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,9 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cascade(bundle: Path) -> Cascade:
-    with Cascade.from_bundle(bundle, precision="fp32", backend="onnxruntime", provider="cpu", batch_size=4) as c:
+    with Cascade.from_bundle(
+        bundle, precision="fp32", backend="onnxruntime", provider="cpu", batch_size=4, guard=False
+    ) as c:
         yield c
 
 
@@ -60,13 +63,17 @@ def test_positive_image_boxes_come_back_in_original_pixels(cascade: Cascade, bun
     assert result.backend == "onnxruntime/CPUExecutionProvider"
     latency = result.latency_ms
     assert latency.classifier > 0 and latency.detector is not None and latency.detector > 0
-    assert latency.total == pytest.approx(latency.read + latency.preprocess + latency.classifier + latency.detector + latency.postprocess)
+    assert latency.total == pytest.approx(
+        latency.read + latency.preprocess + latency.classifier + latency.detector + latency.postprocess
+    )
     heatmap = result.heatmap_image()
     assert heatmap is not None and heatmap.shape == (128, 256)
     y, x = np.unravel_index(np.argmax(heatmap), heatmap.shape)
     assert 0 <= y < 64 and 128 <= x < 192  # the CAM peaks on the bright block
     record = result.to_dict()
-    assert record["detections"] == [{"class_id": 0, "class_name": "Osteophytes", "score": round(BRIGHT_SCORE, 6), "box": [112.0, 0.0, 208.0, 80.0]}]
+    assert record["detections"] == [
+        {"class_id": 0, "class_name": "Osteophytes", "score": round(BRIGHT_SCORE, 6), "box": [112.0, 0.0, 208.0, 80.0]}
+    ]
     assert record["latency_ms"]["detector"] == round(latency.detector, 3) and record["image_size"] == [128, 256]
 
 
@@ -80,11 +87,11 @@ def test_negative_image_skips_the_detector(cascade: Cascade) -> None:
 def test_gate_decides_whether_the_detector_runs(tmp_path: Path) -> None:
     # tau above what the bright image scores: the detector, which would find the block, must not run.
     strict = make_bundle(tmp_path / "strict", threshold=0.999)
-    with Cascade.from_bundle(strict, backend="onnxruntime", provider="cpu") as gated:
+    with Cascade.from_bundle(strict, backend="onnxruntime", provider="cpu", guard=False) as gated:
         result = gated.predict(_wide_image())
     assert result.probability == pytest.approx(BRIGHT_PROB, rel=1e-5) and result.probability < 0.999
     assert result.decision is False and not result.detector_ran and result.detections == ()
-    with Cascade.from_bundle(strict, backend="onnxruntime", provider="cpu", force_detector=True) as forced:
+    with Cascade.from_bundle(strict, backend="onnxruntime", provider="cpu", force_detector=True, guard=False) as forced:
         result = forced.predict(_wide_image())
     assert result.decision is False and result.detector_ran
     assert [d.box for d in result.detections] == [pytest.approx((112.0, 0.0, 208.0, 80.0), abs=1e-3)]
@@ -121,7 +128,9 @@ def test_uint16_and_dicom_inputs(cascade: Cascade, tmp_path: Path) -> None:
     pixels[8:88, 80:160] = 3800
     from_array = cascade.predict(pixels)
     assert from_array.ok and from_array.decision and from_array.detections
-    path = write_test_dicom(tmp_path / "study" / "1.2.840.99", pixels, window=(2000, 4000), transfer_syntax="jpeg2000-lossless")
+    path = write_test_dicom(
+        tmp_path / "study" / "1.2.840.99", pixels, window=(2000, 4000), transfer_syntax="jpeg2000-lossless"
+    )
     from_file = cascade.predict(path)
     assert from_file.ok and from_file.source == str(path) and from_file.image_size == (96, 160)
     assert from_file.decision and {d.class_name for d in from_file.detections} == {"Osteophytes"}
@@ -146,7 +155,7 @@ def test_threads_share_one_cascade(cascade: Cascade) -> None:
 
 
 def test_heatmaps_off_and_warmup(bundle: Path) -> None:
-    with Cascade.from_bundle(bundle, backend="onnxruntime", heatmaps=False, batch_size=2) as c:
+    with Cascade.from_bundle(bundle, backend="onnxruntime", heatmaps=False, batch_size=2, guard=False) as c:
         c.warmup()
         result = c.predict(_wide_image())
     assert result.decision and result.cam is None and result.heatmap_image() is None
@@ -155,14 +164,14 @@ def test_heatmaps_off_and_warmup(bundle: Path) -> None:
 
 
 def test_non_finite_probability_is_an_error_record(tmp_path: Path) -> None:
-    with Cascade.from_bundle(make_bundle(tmp_path, nan_on_black=True), backend="onnxruntime") as c:
+    with Cascade.from_bundle(make_bundle(tmp_path, nan_on_black=True), backend="onnxruntime", guard=False) as c:
         black, bright = list(c.predict_many([np.zeros((64, 64), np.uint8), _wide_image()]))
     assert black.status == "error" and "non-finite probability" in (black.error or "") and not black.detector_ran
     assert bright.ok and bright.probability == pytest.approx(BRIGHT_PROB, rel=1e-5) and bright.detections
 
 
 def test_missing_bundle_is_a_bundle_error(tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
         Cascade.from_bundle(tmp_path)
 
 
@@ -175,7 +184,7 @@ def test_memory_stays_flat_over_a_long_run(cascade: Cascade) -> None:
     rng = np.random.default_rng(11)
     base = rng.integers(0, 255, (96, 80), dtype=np.uint8)
 
-    def stream(n: int):  # noqa: ANN202
+    def stream(n: int) -> Iterator[np.ndarray]:
         for i in range(n):
             yield np.roll(base, i, axis=1)
 
@@ -187,3 +196,31 @@ def test_memory_stays_flat_over_a_long_run(cascade: Cascade) -> None:
     growth_mib = (_rss_kib() - warm) / 1024
     assert positives > 0
     assert growth_mib < 8, f"RSS grew {growth_mib:.1f} MiB over 800 images"
+
+
+def test_the_device_setting_reaches_the_backends(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cv2
+    from click.testing import CliRunner
+
+    import spine_edge.cascade
+    from spine_edge.cascade import CascadeConfig
+    from spine_edge.cli import main
+
+    devices: list[int] = []
+    real = spine_edge.cascade.create_backend
+
+    def spy(*args: object, device: int = 0, **kwargs: object) -> object:
+        devices.append(device)
+        return real(*args, device=device, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spine_edge.cascade, "create_backend", spy)
+    with Cascade.from_bundle(bundle, precision="fp32", backend="onnxruntime", provider="cpu", device=2):
+        pass
+    assert devices == [2, 2]  # classifier and detector
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((64, 64), 40, np.uint8))
+    model = ["--precision", "fp32", "--backend", "onnxruntime", "--provider", "cpu", "--no-guard"]
+    run = CliRunner().invoke(main, ["-q", "infer", str(tmp_path), "--bundle", str(bundle), *model, "--device", "1"])
+    assert run.exit_code == 0, run.output
+    assert devices[2:] == [1, 1]
+    with pytest.raises(ValueError, match="device"):
+        CascadeConfig(device=-1)

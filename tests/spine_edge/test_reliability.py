@@ -72,7 +72,9 @@ def _csv_sources(out: Path) -> list[str]:
 
 
 def _infer(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, "-q", "infer", *map(str, args)], capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [*CLI, "-q", "infer", "--no-guard", *map(str, args)], capture_output=True, text=True, timeout=180
+    )
 
 
 # ------------------------------------------------------------------------------------------ lock
@@ -94,7 +96,9 @@ def test_a_second_run_into_the_same_output_folder_is_refused_naming_the_holder(b
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        result = CliRunner().invoke(main, ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out)])
+        result = CliRunner().invoke(
+            main, ["-q", "infer", "--no-guard", str(folder), "--bundle", str(bundle), "-o", str(out)]
+        )
         assert result.exit_code == EXIT_SETUP, result.output
         assert f"another spine-edge run is writing here (pid={holder.pid} host=" in result.output
         assert "choose another output folder with -o" in result.output
@@ -102,7 +106,9 @@ def test_a_second_run_into_the_same_output_folder_is_refused_naming_the_holder(b
     finally:
         holder.send_signal(signal.SIGKILL)  # a killed holder releases the lock with its process
         holder.wait()
-    result = CliRunner().invoke(main, ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out)])
+    result = CliRunner().invoke(
+        main, ["-q", "infer", "--no-guard", str(folder), "--bundle", str(bundle), "-o", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert f"pid={os.getpid()}" in (out / ".lock").read_text()
 
@@ -121,13 +127,17 @@ def test_the_summary_adds_up_and_names_folders_that_could_not_be_read(
 
     monkeypatch.setattr(spine_edge.infer, "scan_folder", scan_with_a_blocked_folder)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out)])
+    result = CliRunner().invoke(
+        main, ["-q", "infer", "--no-guard", str(folder), "--bundle", str(bundle), "-o", str(out)]
+    )
     assert result.exit_code == 1, result.output  # inputs may be missing: not "everything processed"
     assert "5 found: 4 ok (2 positive), 1 failed" in result.stdout
     assert "1 sub-folder(s) could not be read" in result.stdout
     gif = next(r for r in _jsonl_lines(out) if r["source"].endswith("thumb.gif"))
     assert gif["status"] == "error" and "GIF" in gif["error"]
-    report = run_folder(InferConfig(folder, out=out, resume=True, cascade=CascadeConfig(bundle=bundle)), progress=False)
+    report = run_folder(
+        InferConfig(folder, out=out, resume=True, cascade=CascadeConfig(bundle=bundle, guard=False)), progress=False
+    )
     assert (report.found, report.skipped, report.ok, report.failed, report.refused) == (5, 4, 0, 1, 0)
     assert report.adds_up and report.unreadable_dirs == ((blocked, "Permission denied"),)
 
@@ -143,7 +153,9 @@ def test_long_and_non_utf8_names_get_records_and_survive_csv_and_resume(bundle: 
     for name in (near_limit, fits, not_utf8):
         _png(folder / name, _bright())
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out)])
+    result = CliRunner().invoke(
+        main, ["-q", "infer", "--no-guard", str(folder), "--bundle", str(bundle), "-o", str(out)]
+    )
     assert result.exit_code == 0, result.output
     records = {Path(r["source"]).name: r for r in _jsonl_lines(out)}
     assert sorted(records) == sorted([near_limit, fits, not_utf8])
@@ -155,7 +167,9 @@ def test_long_and_non_utf8_names_get_records_and_survive_csv_and_resume(bundle: 
     # The CSV holds the name's original bytes; results.jsonl escapes them and reads back the same str.
     assert b"scan-\xff\xfe-latin1-\xe9.png" in (out / "results.csv").read_bytes()
     assert sorted(Path(s).name for s in _csv_sources(out)) == sorted(records)
-    again = CliRunner().invoke(main, ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out), "--resume"])
+    again = CliRunner().invoke(
+        main, ["-q", "infer", "--no-guard", str(folder), "--bundle", str(bundle), "-o", str(out), "--resume"]
+    )
     assert again.exit_code == 0 and "3 skipped" in again.stdout, again.output
 
 
@@ -163,7 +177,9 @@ def test_an_output_that_cannot_be_written_becomes_that_inputs_record(bundle: Pat
     folder, out = _folder(tmp_path), tmp_path / "out"
     out.mkdir()
     (out / "overlays").write_text("a file where the overlay folder should be")
-    result = CliRunner().invoke(main, ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out)])
+    result = CliRunner().invoke(
+        main, ["-q", "infer", "--no-guard", str(folder), "--bundle", str(bundle), "-o", str(out)]
+    )
     assert result.exit_code == 1, result.output
     assert "4 found: 2 ok (0 positive), 2 failed" in result.stdout  # positive counts ok records only
     records = _jsonl_lines(out)
@@ -223,14 +239,16 @@ def test_a_short_write_of_the_jsonl_is_cut_back_and_stops_the_run_with_exit_5(
         return real_write(fd, data[: len(data) // 2])  # the disk filled in the middle of the line
 
     monkeypatch.setattr(spine_edge.results.os, "write", write_until_full)
-    result = CliRunner().invoke(main, ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out)])
+    result = CliRunner().invoke(
+        main, ["-q", "infer", "--no-guard", str(folder), "--bundle", str(bundle), "-o", str(out)]
+    )
     monkeypatch.undo()
     assert result.exit_code == EXIT_DISK_FULL, result.output
     assert "disk is full" in result.output and "Traceback" not in result.output
     assert len(_jsonl_lines(out)) == 3  # the torn fourth line was cut back
     assert len(_csv_sources(out)) == 3
     resumed = CliRunner().invoke(
-        main, ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out), "--resume"]
+        main, ["-q", "infer", "--no-guard", str(folder), "--bundle", str(bundle), "-o", str(out), "--resume"]
     )
     assert resumed.exit_code == 0 and "3 skipped" in resumed.stdout, resumed.output
     assert len(_jsonl_lines(out)) == 6
@@ -256,7 +274,7 @@ def test_a_full_disk_at_the_start_is_refused_before_models_load(
     folder = _folder(tmp_path)
     monkeypatch.setattr(spine_edge.infer.os, "fsync", no_room)
     result = CliRunner().invoke(
-        main, ["infer", str(folder), "--bundle", str(tmp_path / "none"), "-o", str(tmp_path / "o")]
+        main, ["infer", "--no-guard", str(folder), "--bundle", str(tmp_path / "none"), "-o", str(tmp_path / "o")]
     )
     monkeypatch.undo()
     assert result.exit_code == EXIT_DISK_FULL and "disk is full" in result.output, result.output
@@ -295,6 +313,7 @@ def test_sigterm_is_handled_like_ctrl_c_with_exit_143_and_a_csv(bundle: Path, tm
         *CLI,
         "-q",
         "infer",
+        "--no-guard",
         str(folder),
         "--bundle",
         str(bundle),
@@ -329,7 +348,7 @@ def test_temp_files_of_a_killed_run_are_removed_by_the_next_run(bundle: Path, tm
     orphan.write_bytes(b"half a png")
     unrelated = out / "overlays" / ".notes.tmp"
     unrelated.write_text("not ours")
-    report = run_folder(InferConfig(folder, out=out, cascade=CascadeConfig(bundle=bundle)), progress=False)
+    report = run_folder(InferConfig(folder, out=out, cascade=CascadeConfig(bundle=bundle, guard=False)), progress=False)
     assert report.stale_temp_files == 1 and not orphan.exists() and unrelated.exists()
     assert remove_stale_temp_files(out) == 0
 
@@ -348,7 +367,7 @@ def test_temp_names_are_short_and_fixed_whatever_the_target(tmp_path: Path, monk
 
 def test_resume_over_another_bundle_or_precision_is_refused_unless_asked(bundle: Path, tmp_path: Path) -> None:
     folder, out = _folder(tmp_path), tmp_path / "out"
-    args = ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out)]
+    args = ["-q", "infer", "--no-guard", str(folder), "--bundle", str(bundle), "-o", str(out)]
     assert CliRunner().invoke(main, args).exit_code == 0
     records = _jsonl_lines(out)
     records[0] |= {"bundle_id": "0ther0bundle", "precision": "int8"}
@@ -363,27 +382,31 @@ def test_resume_over_another_bundle_or_precision_is_refused_unless_asked(bundle:
 
 def test_a_single_file_is_accepted_as_the_input(bundle: Path, tmp_path: Path) -> None:
     image = _png(tmp_path / "one" / "IM0001.png", _bright())
-    report = run_folder(InferConfig(image, cascade=CascadeConfig(bundle=bundle)), progress=False)
+    report = run_folder(InferConfig(image, cascade=CascadeConfig(bundle=bundle, guard=False)), progress=False)
     assert (report.found, report.ok, report.positive) == (1, 1, 1)
     assert report.out == tmp_path / "one" / "IM0001.png_results"
     assert (report.out / "overlays" / "IM0001.png.png").is_file()
-    result = CliRunner().invoke(main, ["-q", "infer", str(image), "--bundle", str(bundle), "-o", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        main, ["-q", "infer", "--no-guard", str(image), "--bundle", str(bundle), "-o", str(tmp_path / "o")]
+    )
     assert result.exit_code == 0 and "1 found: 1 ok" in result.stdout, result.output
 
 
 def test_earlier_output_folders_inside_the_input_are_not_inputs(bundle: Path, tmp_path: Path) -> None:
     folder = _folder(tmp_path)
-    first = run_folder(InferConfig(folder, out=folder / "run1", cascade=CascadeConfig(bundle=bundle)), progress=False)
+    first = run_folder(
+        InferConfig(folder, out=folder / "run1", cascade=CascadeConfig(bundle=bundle, guard=False)), progress=False
+    )
     assert first.found == 4 and list((folder / "run1" / "overlays").glob("*.png"))
     (folder / "notes").mkdir()
     (folder / "notes" / "results.jsonl").write_text("my own log, not spine-edge's\n")
     _png(folder / "notes" / "x.png", _bright())
     second = run_folder(
-        InferConfig(folder, out=tmp_path / "run2", cascade=CascadeConfig(bundle=bundle)), progress=False
+        InferConfig(folder, out=tmp_path / "run2", cascade=CascadeConfig(bundle=bundle, guard=False)), progress=False
     )
     assert second.found == 5 and second.output_dirs == (folder / "run1",)
     assert is_output_dir(folder / "run1") and not is_output_dir(folder / "notes")
-    into_itself = InferConfig(folder / "notes", out=folder / "notes", cascade=CascadeConfig(bundle=bundle))
+    into_itself = InferConfig(folder / "notes", out=folder / "notes", cascade=CascadeConfig(bundle=bundle, guard=False))
     assert run_folder(into_itself, progress=False).found == 1
     assert (folder / "notes" / "overlays" / "x.png.png").is_file()
     assert run_folder(into_itself, progress=False).found == 1  # its own overlays are not inputs
@@ -418,24 +441,26 @@ def test_the_read_ahead_holds_at_most_its_byte_budget_in_flight(
     active, peak, lock = [0], [0], threading.Lock()
     real_read = spine_edge.cascade.read_image
 
-    def slow_read(path: Path) -> object:
+    def slow_read(path: Path, target_long_side: int | None = None) -> object:
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
         time.sleep(0.05)
         try:
-            return real_read(path)
+            return real_read(path, target_long_side)
         finally:
             with lock:
                 active[0] -= 1
 
     monkeypatch.setattr(spine_edge.cascade, "read_image", slow_read)
-    monkeypatch.setattr(spine_edge.cascade, "estimate_decode_bytes", lambda path: 600)  # as if 600 bytes each
+    monkeypatch.setattr(
+        spine_edge.cascade, "estimate_decode_bytes", lambda path, target_long_side=None: 600
+    )  # as if 600 bytes each
     paths = sorted(folder.glob("*.png"))
 
     def peak_reads(budget: int) -> int:
         peak[0] = 0
-        with Cascade.from_bundle(bundle, read_workers=4, batch_size=4, read_ahead_bytes=budget) as cascade:
+        with Cascade.from_bundle(bundle, read_workers=4, batch_size=4, read_ahead_bytes=budget, guard=False) as cascade:
             assert [r.status for r in cascade.predict_many(paths)] == ["ok"] * 8
         return peak[0]
 
