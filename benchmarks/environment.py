@@ -12,6 +12,8 @@ import subprocess
 from typing import Any
 
 from spine_edge.backends.onnxruntime import (
+    AUTO_ORDER,
+    GPU_PROVIDERS,
     PROVIDERS,
     ProviderChoice,
     available_cores,
@@ -44,13 +46,18 @@ def gpu_name() -> str | None:
 
 
 def uses_gpu(backend: str, provider: ProviderChoice | None) -> bool:
-    """Whether the graphs will run on a GPU (then GPU memory is measured)."""
-    if backend == "tensorrt" or provider in ("cuda", "tensorrt"):
-        return True
-    if provider == "cpu":
-        return False
-    gpu_providers = {PROVIDERS["cuda"], PROVIDERS["tensorrt"]}
-    return bool(gpu_providers & set(import_onnxruntime().get_available_providers()))
+    """Whether the graphs will run on a GPU (then GPU memory is measured).
+
+    On ONNX Runtime an explicit provider decides (``cuda``, ``tensorrt`` and ``tensorrt-rtx`` run on
+    the GPU); the automatic choice does where this onnxruntime offers a GPU provider of
+    :data:`~spine_edge.backends.onnxruntime.AUTO_ORDER` (it never picks the TensorRT-RTX plugin).
+    """
+    if backend != "onnxruntime":
+        return backend == "tensorrt"  # OpenVINO runs on the CPU
+    if provider is not None:
+        return PROVIDERS[provider] in GPU_PROVIDERS
+    automatic = {PROVIDERS[p] for p in AUTO_ORDER} & GPU_PROVIDERS
+    return bool(automatic & set(import_onnxruntime().get_available_providers()))
 
 
 def environment_record(config: BenchConfig, backend: str, gpu: bool) -> dict[str, Any]:

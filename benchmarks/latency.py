@@ -12,22 +12,21 @@ Three measurements, each after a warm-up:
   of the graph is separable from decoding and letterboxing.
 
 Peak host memory is the resident-set high-water mark (``VmHWM``), reset between measurements where
-Linux allows it (``/proc/self/clear_refs``); GPU memory is polled from ``nvidia-smi`` while a GPU
-backend runs.
+Linux allows it (``/proc/self/clear_refs``); GPU memory is sampled through NVML
+(:mod:`spine_edge.gpu_memory`) while a GPU backend runs, and reported as ``not measured`` where NVML
+does not answer.
 """
 
 from __future__ import annotations
 
 import math
 import resource
-import shutil
-import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import cycle, islice
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +34,7 @@ import numpy as np
 from spine_edge.backends import Backend
 from spine_edge.cascade import Cascade
 from spine_edge.errors import BackendError
+from spine_edge.gpu_memory import GpuMemoryReport, GpuMemorySampler
 from spine_edge.results import StageLatency
 
 if TYPE_CHECKING:
@@ -151,63 +151,12 @@ def peak_rss_mb() -> float:
     return kib / 1024
 
 
-def _gpu_used_mb() -> float | None:
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout
-        return float(out.strip().splitlines()[0])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
+#: Status of a measurement's GPU memory figures, as reports print it.
+GPU_NOT_USED, GPU_MEASURED, GPU_NOT_MEASURED = "not used", "measured", "not measured"
 
 
-class GpuMemoryMonitor:
-    """Polls the GPU's used memory in a thread while active; ``peak_mb`` is the rise over the start.
-
-    The figure is device-wide (``nvidia-smi`` cannot attribute memory inside every container), so it
-    includes other processes' changes during the measurement; on a dedicated edge box that is none.
-    Inactive (``peak_mb`` None) where no GPU answers.
-
-    Args:
-        interval_s: Seconds between polls.
-    """
-
-    def __init__(self, interval_s: float = 0.1) -> None:
-        self.interval_s = interval_s
-        self.peak_mb: float | None = None
-        self._start: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> Self:
-        self._start = _gpu_used_mb()
-        if self._start is not None:
-            self.peak_mb = 0.0
-            self._thread = threading.Thread(target=self._poll, name="spine-edge-gpu-memory", daemon=True)
-            self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def _sample(self) -> None:
-        used = _gpu_used_mb()
-        if used is not None and self._start is not None and self.peak_mb is not None:
-            self.peak_mb = max(self.peak_mb, used - self._start)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._sample()
+def _mib(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 @dataclass(frozen=True)
@@ -217,19 +166,38 @@ class Resources:
     Attributes:
         peak_rss_mb: Resident-set high-water mark of the process (MiB).
         rss_reset: Whether the mark was reset before the measurement (else: peak since start).
-        gpu_peak_mb: Rise of the GPU's used memory (MiB), None where no GPU is used.
+        gpu: What NVML saw on the GPU the graphs ran on (None where they ran on the CPU).
     """
 
     peak_rss_mb: float
     rss_reset: bool
-    gpu_peak_mb: float | None = None
+    gpu: GpuMemoryReport | None = None
+
+    @property
+    def gpu_status(self) -> str:
+        """``not used`` (CPU run), ``measured``, or ``not measured`` (a GPU run where NVML did not answer)."""
+        if self.gpu is None:
+            return GPU_NOT_USED
+        return GPU_MEASURED if self.gpu.available else GPU_NOT_MEASURED
+
+    @property
+    def gpu_peak_mb(self) -> float | None:
+        """Rise of the GPU's device-wide used memory (MiB; includes other processes'), or None."""
+        return None if self.gpu is None else self.gpu.peak_rise_mib
+
+    @property
+    def gpu_process_mb(self) -> float | None:
+        """Peak GPU memory NVML attributed to this process (MiB), or None where it cannot attribute it."""
+        return None if self.gpu is None else self.gpu.peak_process_mib
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
         return {
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "rss_reset": self.rss_reset,
-            "gpu_peak_mb": None if self.gpu_peak_mb is None else round(self.gpu_peak_mb, 1),
+            "gpu_memory": self.gpu_status,
+            "gpu_peak_mb": _mib(self.gpu_peak_mb),
+            "gpu_process_mb": _mib(self.gpu_process_mb),
         }
 
 
@@ -237,11 +205,12 @@ class ResourceMeter:
     """Context manager measuring :class:`Resources` of the block it wraps.
 
     Args:
-        gpu: Also poll GPU memory.
+        gpu: Also sample GPU memory (through NVML: :class:`~spine_edge.gpu_memory.GpuMemorySampler`).
+        device: GPU index the graphs run on.
     """
 
-    def __init__(self, gpu: bool) -> None:
-        self._gpu = GpuMemoryMonitor() if gpu else None
+    def __init__(self, gpu: bool, device: int = 0) -> None:
+        self._gpu = GpuMemorySampler(device=device) if gpu else None
         self._reset = False
         self.resources: Resources | None = None
 
@@ -251,12 +220,41 @@ class ResourceMeter:
             self._gpu.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        gpu_peak = None
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        gpu = None
         if self._gpu is not None:
-            self._gpu.__exit__(*exc)
-            gpu_peak = self._gpu.peak_mb
-        self.resources = Resources(peak_rss_mb=peak_rss_mb(), rss_reset=self._reset, gpu_peak_mb=gpu_peak)
+            self._gpu.__exit__(exc_type, exc, tb)
+            gpu = self._gpu.report()
+        self.resources = Resources(peak_rss_mb=peak_rss_mb(), rss_reset=self._reset, gpu=gpu)
+
+
+def gpu_memory_note(resources: Mapping[str, Resources | None]) -> str:
+    """One report line on GPU memory during each labelled measurement (e.g. the batch-1 run per precision).
+
+    Example:
+        >>> gpu_memory_note({"fp32": Resources(1.0, True, GpuMemoryReport(device=0))})
+        'GPU memory not measured: NVML did not answer (it needs nvidia-ml-py from the GPU extras; Jetson has none)'
+    """
+    peaks, missing = [], []
+    gpu: GpuMemoryReport | None = None
+    for label, measured in resources.items():
+        if measured is None or measured.gpu is None:
+            continue
+        if not measured.gpu.available:
+            missing.append(label)
+            continue
+        gpu = measured.gpu
+        # A device-wide rise alone would count other processes' memory, so the process figure comes first.
+        process = "not attributable" if gpu.peak_process_mib is None else f"{gpu.peak_process_mib:.0f} MiB"
+        peaks.append(f"{label} {process} by this process (+{gpu.peak_rise_mib or 0:.0f} MiB device-wide)")
+    if gpu is None:
+        return (
+            "GPU memory not measured: NVML did not answer (it needs nvidia-ml-py from the GPU extras; Jetson has none)"
+        )
+    unmeasured = f"; not measured for {', '.join(missing)}" if missing else ""
+    return f"GPU memory (NVML, GPU {gpu.device} {gpu.name}, {gpu.total_mib or 0:.0f} MiB): peak {'; '.join(peaks)}{unmeasured}"
 
 
 # ------------------------------------------------------------------------------------------ timing

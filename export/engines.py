@@ -32,6 +32,12 @@ runtime keys its cache folder by the graph's sha256; :func:`clear_stale_caches` 
 graphs the manifest no longer lists (export calls it after writing a bundle, ``build_engines`` on
 every run).
 
+OpenVINO. On a CPU build with openvino installed, :func:`build_openvino` compiles the FP32 graph and
+the symmetric INT8 graph into the bundle's OpenVINO cache, races each against ONNX Runtime on the
+parity canvases, checks its outputs against ONNX Runtime FP32, and records an ``openvino`` entry (the
+same ONNX file, the OpenVINO version, this CPU, both times) only where OpenVINO won: that entry is
+what makes ``--backend auto`` choose OpenVINO on this CPU; a later build where it loses removes it.
+
 Atomicity. New files get content-addressed names (``<role>.<precision>.<sha12>...``) next to the
 old ones, the manifest is then replaced atomically, and only after that are the replaced files
 deleted; a build interrupted at any point leaves the previous manifest and its files valid.
@@ -44,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -67,6 +74,7 @@ from spine_edge.backends.onnxruntime import (
     cpu_model_name,
     import_onnxruntime,
 )
+from spine_edge.backends.openvino import OPENVINO_CACHE
 from spine_edge.backends.tensorrt import TensorRTBackend, create_builder, import_tensorrt, trt_logger
 from spine_edge.bundle import (
     BuildInfo,
@@ -143,6 +151,9 @@ class BuildConfig:
         device: CUDA device to build on (the plans run on the same GPU model).
         parity: Run and compare each TensorRT plan before recording it (needs onnxruntime for the
             FP32 reference unless the parity set stores it); off only to rebuild quickly by hand.
+        openvino: On CPU builds where openvino is installed, race it against ONNX Runtime and record
+            the roles it runs faster (:func:`build_openvino`); off for a build that must not depend
+            on timings.
     """
 
     target: Target = "auto"
@@ -154,6 +165,7 @@ class BuildConfig:
     threads: int = 0
     device: int = 0
     parity: bool = True
+    openvino: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in ("auto", "tensorrt", "onnxruntime-cpu"):
@@ -315,8 +327,10 @@ def _missing_reason(manifest: Manifest, role: Role, precision: Precision, target
         why = " (U8S8 INT8 is for ONNX Runtime, symmetric Q/DQ for TensorRT)" if precision == "int8" else ""
         return f"the bundle's {precision} graph is meant for {', '.join(others)} only{why}, not for {target}"
     if precision == "fp16" and target == "tensorrt":
-        return ("this TensorRT builds FP16 only from an FP16 graph (strong typing) and the bundle has none: "
-                "re-export the bundle with FP16 graphs (spine-edge export)")
+        return (
+            "this TensorRT builds FP16 only from an FP16 graph (strong typing) and the bundle has none: "
+            "re-export the bundle with FP16 graphs (spine-edge export)"
+        )
     return f"the bundle has no {precision} ONNX graph for the {role}; re-export with that precision to build it"
 
 
@@ -382,7 +396,10 @@ def _resolve_target(requested: Target, device: int = 0) -> _Resolved:
         "tensorrt",
         f"TensorRT {trt.__version__} on {gpu.name} (compute capability {gpu.compute_capability}, device {device}): "
         "built TensorRT plans",
-        trt, gpu, builder, logger,
+        trt,
+        gpu,
+        builder,
+        logger,
     )
 
 
@@ -481,8 +498,10 @@ class _OrtCpuBuilder:
                 max_batch=batch.max,
                 threads=self.threads,
             ),
-            notes=("ONNX Runtime ORT_ENABLE_ALL graph (may hold NCHWc/fused nodes): valid only for this CPU and "
-                   "ONNX Runtime version; any batch size runs, the range records the batching prepared for"),
+            notes=(
+                "ONNX Runtime ORT_ENABLE_ALL graph (may hold NCHWc/fused nodes): valid only for this CPU and "
+                "ONNX Runtime version; any batch size runs, the range records the batching prepared for"
+            ),
         )
 
     def finish(self) -> str:
@@ -494,12 +513,13 @@ class _OrtCpuBuilder:
 
 
 def clear_stale_caches(bundle: Path, manifest: Manifest) -> tuple[Path, ...]:
-    """Delete ONNX Runtime TensorRT-provider cache folders of graphs the manifest no longer lists.
+    """Delete engine and compiled-model cache folders of graphs the manifest no longer lists.
 
-    The runtime keys each graph's engine cache by its sha256 (see
-    :func:`spine_edge.backends.onnxruntime.ort_tensorrt_cache_dir`); anything else under
-    ``cache/ort-tensorrt`` (folders of replaced graphs, engines of the old name-keyed layout) could
-    only ever be loaded by mistake. The shared timing cache stays.
+    The runtime keys each graph's cache folder by its sha256, under ``cache/ort-tensorrt`` for ONNX
+    Runtime's TensorRT provider (:func:`spine_edge.backends.onnxruntime.ort_tensorrt_cache_dir`) and
+    under ``cache/openvino`` for OpenVINO (:func:`spine_edge.backends.openvino.openvino_cache_dir`);
+    anything else there (folders of replaced graphs, engines of the old name-keyed layout) could only
+    ever be loaded by mistake. The TensorRT provider's shared timing cache stays.
 
     Args:
         bundle: The bundle folder.
@@ -508,21 +528,21 @@ def clear_stale_caches(bundle: Path, manifest: Manifest) -> tuple[Path, ...]:
     Returns:
         The paths removed.
     """
-    root = Path(bundle) / ORT_TENSORRT_CACHE
-    if not root.is_dir():
-        return ()
-    keep = {e.sha256[:CACHE_KEY_CHARS] for e in manifest.models if e.format == "onnx"} | {TIMING_CACHE_DIR}
+    current = {e.sha256[:CACHE_KEY_CHARS] for e in manifest.models if e.format == "onnx"}
     removed: list[Path] = []
-    for child in sorted(root.iterdir()):
-        if child.name in keep and child.is_dir():
+    for cache, keep in ((ORT_TENSORRT_CACHE, current | {TIMING_CACHE_DIR}), (OPENVINO_CACHE, current)):
+        root = Path(bundle) / cache
+        if not root.is_dir():
             continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-        removed.append(child)
-    if removed:
-        log.info("removed %d stale ONNX Runtime TensorRT cache entries under %s", len(removed), root)
+        stale = [child for child in sorted(root.iterdir()) if not (child.name in keep and child.is_dir())]
+        for child in stale:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        if stale:
+            log.info("removed %d stale cache entries under %s", len(stale), root)
+        removed.extend(stale)
     return tuple(removed)
 
 
@@ -597,8 +617,12 @@ def load_parity_set(bundle: Path, role: Role, image: TensorSpec) -> ParitySet:
     """
     path = parity_path(bundle, role)
     if not path.is_file():
-        log.warning("%s: no parity canvases in the bundle (re-export writes them); checking built plans on %d "
-                    "synthetic canvases", path, SYNTHETIC_CANVASES)
+        log.warning(
+            "%s: no parity canvases in the bundle (re-export writes them); checking built plans on %d "
+            "synthetic canvases",
+            path,
+            SYNTHETIC_CANVASES,
+        )
         return ParitySet(role, _synthetic_canvases(image, SYNTHETIC_CANVASES), {}, "synthetic")
     with np.load(path) as data:
         canvases = data["canvases"]
@@ -635,8 +659,9 @@ def reference_outputs(bundle: Path, manifest: Manifest, role: Role, canvases: np
             return reference.infer({entry.inputs[0].name: canvases})
     except MissingDependencyError as exc:
         raise MissingDependencyError(
-            exc.package, "cpu", "Checking built TensorRT plans against ONNX Runtime FP32 (or re-export with a stored "
-            "reference)"
+            exc.package,
+            "cpu",
+            "Checking built TensorRT plans against ONNX Runtime FP32 (or re-export with a stored reference)",
         ) from exc
 
 
@@ -668,16 +693,18 @@ class ParityResult:
     def to_record(self) -> dict[str, Any]:
         """The manifest's ``build.parity`` record."""
         gates = PLAN_GATES[self.precision]
-        record: dict[str, Any] = json_safe({
-            "reference": "onnxruntime fp32 (CPU)",
-            "canvases": self.source,
-            "batches": list(self.batches),
-            "gates": gates,
-            "passed": self.passed,
-            "violations": list(self.violations),
-            "classifier": [f.to_dict() for f in self.classifier],
-            "detector": [f.to_dict() for f in self.detector],
-        })
+        record: dict[str, Any] = json_safe(
+            {
+                "reference": "onnxruntime fp32 (CPU)",
+                "canvases": self.source,
+                "batches": list(self.batches),
+                "gates": gates,
+                "passed": self.passed,
+                "violations": list(self.violations),
+                "classifier": [f.to_dict() for f in self.classifier],
+                "detector": [f.to_dict() for f in self.detector],
+            }
+        )
         return record
 
 
@@ -738,8 +765,10 @@ def parity_summary(record: Mapping[str, Any]) -> str:
     """One line from a ``build.parity`` record (empty for an empty record)."""
     if not record:
         return ""
-    parts = [f"parity {'ok' if record.get('passed') else 'FAILED'} at batch {'/'.join(map(str, record['batches']))} "
-             f"({record['canvases']} canvases)"]
+    parts = [
+        f"parity {'ok' if record.get('passed') else 'FAILED'} at batch {'/'.join(map(str, record['batches']))} "
+        f"({record['canvases']} canvases)"
+    ]
     classifier, detector = record.get("classifier") or [], record.get("detector") or []
     if classifier:
         worst = [c["max_abs_dprob"] for c in classifier]
@@ -763,8 +792,10 @@ def layer_precisions(network: Any) -> dict[str, int]:
 def precision_note(precision: Precision, layers: Mapping[str, int]) -> str:
     """A warning for an INT8 plan whose unquantised body is FP32 (empty when there is nothing to say)."""
     if precision == "int8" and layers and not layers.get("HALF"):
-        return ("INT8 plan with an FP32 body: under strong typing every op outside the Q/DQ pairs runs in FP32, so "
-                "it is unlikely to beat the FP16 plan; export the TensorRT INT8 graph with an FP16 body")
+        return (
+            "INT8 plan with an FP32 body: under strong typing every op outside the Q/DQ pairs runs in FP32, so "
+            "it is unlikely to beat the FP16 plan; export the TensorRT INT8 graph with an FP16 body"
+        )
     return ""
 
 
@@ -946,7 +977,9 @@ class _TensorRTBuilder:
         except EngineBuildError:
             raise
         except BackendError as exc:
-            raise EngineBuildError(f"{entry.file}: the freshly built plan does not run ({exc}); it was not recorded") from exc
+            raise EngineBuildError(
+                f"{entry.file}: the freshly built plan does not run ({exc}); it was not recorded"
+            ) from exc
 
     def finish(self) -> str:
         """Persist the timing cache; return its bundle-relative path."""
@@ -977,6 +1010,166 @@ def _optional_call(obj: Any, name: str) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # The entry point.
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenVINO on the CPU: compiled into the bundle's model cache, raced against ONNX Runtime, recorded
+# where it won.
+
+#: Timed batch-1 calls per library when ``build-engines`` races OpenVINO against ONNX Runtime.
+OPENVINO_RACE_RUNS = 5
+
+
+def _median_batch1_ms(backend: Any, canvases: np.ndarray, runs: int) -> float:
+    """Median milliseconds of ``runs`` batch-1 calls of an active backend (one untimed call first)."""
+    name = next(iter(backend.input_specs()))
+    feeds = [{name: take_batch(canvases[i % len(canvases) :], 1)} for i in range(runs + 1)]
+    backend.infer(feeds[0])
+    samples = []
+    for feed in feeds[1:]:
+        start = time.perf_counter()
+        backend.infer(feed)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(samples))
+
+
+@dataclass(frozen=True)
+class OpenVinoOutcome:
+    """What the OpenVINO step did with one role and precision.
+
+    OpenVINO is an optional accelerator: where it cannot compile a graph, computes it differently
+    from ONNX Runtime FP32 or is slower, nothing is recorded and the build still succeeds on ONNX Runtime.
+
+    Attributes:
+        entry: The manifest entry to record (OpenVINO was faster and its parity held), else None.
+        built: Its line in the build report.
+        skipped: Why nothing was recorded (slower, parity broken, compile failure, no source graph), else None.
+    """
+
+    entry: ModelEntry | None = None
+    built: BuiltModel | None = None
+    skipped: SkippedModel | None = None
+
+
+def build_openvino(
+    bundle: Path, manifest: Manifest, config: BuildConfig, runs: int = OPENVINO_RACE_RUNS
+) -> list[OpenVinoOutcome]:
+    """Compile the CPU graphs with OpenVINO, race them against ONNX Runtime here, record the winners.
+
+    For each role at FP32 and INT8 (or ``config.precisions``): OpenVINO runs the graph the TensorRT
+    target uses (FP32; the symmetric INT8 Q/DQ graph), ONNX Runtime its own (FP32; U8S8 INT8), both
+    at batch 1 on the parity canvases with ``config.threads``. OpenVINO's compiled model goes into
+    the bundle's cache (:func:`~spine_edge.backends.openvino.openvino_cache_dir`) and its outputs
+    are checked against ONNX Runtime FP32 (:func:`check_parity`). Where OpenVINO was faster and
+    its parity held, an entry of format ``openvino`` is recorded (the ONNX file it runs, the
+    OpenVINO version, this CPU, both times): ``--backend auto`` then picks OpenVINO for that role
+    on this CPU with this OpenVINO. BF16 (the FP32 graph with OpenVINO's BF16 hint) is timed and
+    checked too where the CPU has it, against FP16's plan gates, and recorded in the FP32 entry.
+
+    Raises:
+        MissingDependencyError: openvino is not installed.
+    """
+    from spine_edge.backends.onnxruntime import OnnxRuntimeBackend
+    from spine_edge.backends.openvino import OpenVinoBackend, device_capabilities, import_openvino, openvino_cache_dir
+
+    ov = import_openvino()
+    version, cpu = str(ov.__version__), cpu_model_name()
+    bf16 = "BF16" in device_capabilities(ov.Core())
+    threads = config.threads or available_cores()
+    outcomes: list[OpenVinoOutcome] = []
+    cpu_precisions: tuple[Precision, ...] = ("fp32", "int8")
+    for role in ROLES:
+        for precision in cpu_precisions:
+            if config.precisions and precision not in config.precisions:
+                continue
+            source = manifest.find(role, precision, "onnx", target="tensorrt")
+            rival = manifest.find(role, precision, "onnx", target="onnxruntime")
+            if source is None or rival is None:
+                continue  # nothing to race: the bundle has no such graph, as the CPU build's own plan reports
+            start = time.perf_counter()
+            try:
+                parity = load_parity_set(bundle, role, source.inputs[0])
+                reference = parity.reference or reference_outputs(bundle, manifest, role, parity.canvases)
+                cache = openvino_cache_dir(bundle, source)
+                with OnnxRuntimeBackend(bundle / rival.file, provider="cpu", threads=threads) as backend:
+                    ort_ms = _median_batch1_ms(backend, parity.canvases, runs)
+                with OpenVinoBackend(bundle / source.file, "fp32", threads, cache, inputs=source.inputs) as backend:
+                    ov_ms = _median_batch1_ms(backend, parity.canvases, runs)
+                    result = check_parity(
+                        backend, manifest, source, parity, reference, batches=(1, len(parity.canvases))
+                    )
+                record = result.to_record() | {
+                    "latency_ms_batch1": {"openvino": round(ov_ms, 3), "onnxruntime": round(ort_ms, 3)}
+                }
+                if bf16 and precision == "fp32":
+                    with OpenVinoBackend(bundle / source.file, "bf16", threads, cache, inputs=source.inputs) as backend:
+                        bf16_ms = _median_batch1_ms(backend, parity.canvases, runs)
+                        # BF16 keeps 8 mantissa bits to FP16's 11: held to FP16's plan gates until it has its own.
+                        as_fp16 = replace(source, precision="fp16")
+                        bf16_result = check_parity(
+                            backend, manifest, as_fp16, parity, reference, batches=(1, len(parity.canvases))
+                        )
+                    record["latency_ms_batch1"]["openvino_bf16"] = round(bf16_ms, 3)
+                    record["bf16"] = bf16_result.to_record() | {"gates_of": "fp16"}
+            except (BackendError, BundleError) as exc:
+                log.warning("%s %s: OpenVINO not used: %s", role, precision, exc)
+                outcomes.append(OpenVinoOutcome(skipped=SkippedModel(role, precision, f"OpenVINO failed: {exc}")))
+                continue
+            if not result.passed:
+                message = f"OpenVINO {version} outputs differ from ONNX Runtime FP32: {'; '.join(result.violations)}"
+                log.warning("%s %s: %s", role, precision, message)
+                outcomes.append(OpenVinoOutcome(skipped=SkippedModel(role, precision, message)))
+                continue
+            if ov_ms >= ort_ms:
+                reason = (
+                    f"OpenVINO {version} is not faster on this CPU ({ov_ms:.1f} ms vs ONNX Runtime {ort_ms:.1f} ms "
+                    "at batch 1): not recorded, ONNX Runtime stays the automatic choice"
+                )
+                outcomes.append(OpenVinoOutcome(skipped=SkippedModel(role, precision, reason)))
+                continue
+            flags = (
+                "INFERENCE_PRECISION_HINT=f32",
+                "PERFORMANCE_HINT=LATENCY",
+                "NUM_STREAMS=1",
+                f"INFERENCE_NUM_THREADS={threads}",
+                f"CACHE_DIR={cache.relative_to(bundle)}",
+                *(("bf16=available",) if bf16 and precision == "fp32" else ()),
+            )
+            entry = ModelEntry(
+                role=role,
+                precision=precision,
+                format="openvino",
+                file=source.file,
+                sha256=source.sha256,
+                inputs=source.inputs,
+                outputs=source.outputs,
+                target=source.target,
+                build=BuildInfo(
+                    builder="openvino",
+                    builder_version=version,
+                    device=cpu,
+                    source=source.file,
+                    build_flags=flags,
+                    threads=threads,
+                    parity=record,
+                ),
+                notes=(
+                    f"OpenVINO runs the ONNX file itself, compiled into {cache.relative_to(bundle)}; measured faster "
+                    f"than ONNX Runtime here ({ov_ms:.1f} vs {ort_ms:.1f} ms at batch 1, {threads} threads)"
+                ),
+            )
+            size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+            built = BuiltModel(
+                role,
+                precision,
+                str(cache.relative_to(bundle)),
+                source.file,
+                size,
+                time.perf_counter() - start,
+                parity_summary(record),
+            )
+            outcomes.append(OpenVinoOutcome(entry=entry, built=built))
+    return outcomes
 
 
 def build_engines(bundle: Path, config: BuildConfig = BuildConfig()) -> BuildReport:
@@ -1027,12 +1220,32 @@ def build_engines(bundle: Path, config: BuildConfig = BuildConfig()) -> BuildRep
                 failed.append(FailedModel(job.role, job.precision, job.source.file, str(exc)))
                 continue
             entries.append(entry)
-            built.append(BuiltModel(job.role, job.precision, entry.file, job.source.file,
-                                    (folder / entry.file).stat().st_size, time.perf_counter() - start,
-                                    parity_summary(entry.build.parity) if entry.build else ""))
+            built.append(
+                BuiltModel(
+                    job.role,
+                    job.precision,
+                    entry.file,
+                    job.source.file,
+                    (folder / entry.file).stat().st_size,
+                    time.perf_counter() - start,
+                    parity_summary(entry.build.parity) if entry.build else "",
+                )
+            )
         timing_cache = builder.finish()
-        if entries:
-            write_manifest(folder, _with_entries(manifest, entries))
+        slower: set[tuple[str, str]] = set()
+        if target == "onnxruntime-cpu" and config.openvino and importlib.util.find_spec("openvino") is not None:
+            for outcome in build_openvino(folder, manifest, config):
+                if outcome.entry is not None and outcome.built is not None:
+                    entries.append(outcome.entry)
+                    built.append(outcome.built)
+                if outcome.skipped is not None:
+                    skipped = (*skipped, outcome.skipped)
+                    # A record from an earlier race OpenVINO now lost must not keep steering `auto`.
+                    slower.add((outcome.skipped.role, outcome.skipped.precision))
+        if entries or slower:
+            updated = _with_entries(manifest, entries)
+            kept = tuple(e for e in updated.models if not (e.format == "openvino" and (e.role, e.precision) in slower))
+            write_manifest(folder, updated.with_models(kept))
     except BaseException:
         _discard(folder, manifest, entries)
         raise

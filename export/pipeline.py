@@ -5,14 +5,18 @@ result; nothing is shared between steps but those results:
 
 1. the checkpoints and data (:mod:`~spine_edge.export.sources`) and the evaluation split
    (:mod:`~spine_edge.export.evaluation`);
-2. FP32 graphs (classifier ensemble, detector), checked against PyTorch on a few images, and their
+2. the in-distribution score, fitted on the training split's images and thresholded on the
+   evaluation split (:mod:`~spine_edge.export.ood`), added to the ensemble as its third output;
+   FP32 graphs (classifier ensemble, detector), checked against PyTorch on a few images, and their
    outputs on the evaluation split: the reference (:mod:`~spine_edge.export.variants`);
 3. FP16 graphs (convolutional body in float16), measured through an exact FP16 emulation on ORT CPU;
 4. INT8 Q/DQ graphs for TensorRT (symmetric) and ONNX Runtime (U8S8), calibrated once per graph on
-   train images (:mod:`~spine_edge.export.calibration`); members / head layers whose measured INT8
-   loss breaks the gate stay FP32 (:mod:`~spine_edge.export.sensitivity`);
+   train images (:mod:`~spine_edge.export.calibration`); the fewest, most sensitive layers that bring
+   a graph inside its gates stay FP32 (:mod:`~spine_edge.export.sensitivity`);
 5. at the end, once: the report rows, ``accuracy_report.json`` / ``.md``, the TensorRT operator check
-   and manifest entry of every graph, and ``manifest.json``, written last.
+   and manifest entry of every graph, a few letterboxed validation images per role on which
+   ``build-engines`` checks each plan (``parity/<role>.npz``), and ``manifest.json``, written last;
+   then the engine caches of graphs the new manifest no longer lists are cleared.
 
 Example:
     >>> config = ExportConfig(Path("runs/ckpt"), Path("runs/bundle"), eval_data=Path("runs/prep"))  # doctest: +SKIP
@@ -28,9 +32,14 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 
-from spine_edge.bundle import ModelEntry, write_manifest
+import numpy as np
+import torch
+
+from spine_edge.bundle import ROLES as MODEL_ROLES
+from spine_edge.bundle import ModelEntry, OodInfo, load_manifest, write_manifest
 from spine_edge.export.bundle_writer import (
     REPORT_JSON,
     REPORT_MARKDOWN,
@@ -39,9 +48,10 @@ from spine_edge.export.bundle_writer import (
     write_accuracy_report,
 )
 from spine_edge.export.calibration import CalibrationSet, calibrate_graphs
-from spine_edge.export.classifier_graph import build_ensemble, read_ensemble_spec
+from spine_edge.export.classifier_graph import attach_ood, build_ensemble, read_ensemble_spec
 from spine_edge.export.config import ExportConfig
 from spine_edge.export.detector_graph import build_detector_module, read_detector_json
+from spine_edge.export.engines import clear_stale_caches, parity_path, write_parity_set
 from spine_edge.export.evaluation import (
     EvalSet,
     EvalSettings,
@@ -51,7 +61,6 @@ from spine_edge.export.evaluation import (
     evaluate_fp32,
     read_eval_set,
 )
-from spine_edge.export.sensitivity import ClassifierMember
 from spine_edge.export.sources import ExportSources, check_sources, resolve_data
 from spine_edge.export.variants import (
     FILE_NAMES,
@@ -67,6 +76,12 @@ from spine_edge.export.variants import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Most training images the in-distribution score is fitted on (their pooled features are held in memory).
+OOD_FIT_IMAGES = 4000
+#: Validation images stored per role for ``build-engines``' plan check (it looks for broken plans, not
+#: for accuracy, so a dozen real images are enough and keep the bundle small).
+PARITY_CANVASES = 12
 
 
 @dataclass(frozen=True)
@@ -131,9 +146,16 @@ def run_export(config: ExportConfig) -> ExportResult:
             paths.eval_data, config.eval_split, spec.input_size, sources.detector_size, config.eval_limit
         )
     out.mkdir(parents=True, exist_ok=True)
+    ensemble = build_ensemble(spec)
+    ood = None
+    if paths.calib_data is not None and data is not None:
+        with _timed(timings, "in-distribution score"):
+            ood = _fit_ood(ensemble, paths.calib_data, sources, data)
+    else:
+        log.warning("export: no training and validation images, so the bundle has no in-distribution score")
     with _timed(timings, "fp32 graphs"):
         fp32 = export_fp32_graphs(
-            build_ensemble(spec),
+            ensemble,
             detector_module,
             detector_source,
             (spec.input_size, sources.detector_size),
@@ -157,8 +179,12 @@ def run_export(config: ExportConfig) -> ExportResult:
     entries = [model_entry_of(out, graph) for graph in graphs]
     report = build_accuracy_report(evaluation, variants, fp32.parity, sources.trained_on)
     written = [g.path for g in graphs] + (list(write_accuracy_report(out, report)) if report else [])
+    if data is not None:
+        written.extend(write_parity_sets(out, data))
     remove_stale_files(out, written)
-    manifest = _write_manifest(out, sources, fp32, entries, calibration, report)
+    manifest = _write_manifest(out, sources, fp32, entries, calibration, report, ood)
+    # Re-exported graphs have new hashes; engines cached for the old ones would otherwise be loadable.
+    clear_stale_caches(out, load_manifest(out, verify=False))
     return ExportResult(
         bundle=out,
         manifest=manifest,
@@ -166,6 +192,25 @@ def run_export(config: ExportConfig) -> ExportResult:
         accuracy=report,
         seconds=round(time.perf_counter() - start, 1),
         timings=timings,
+    )
+
+
+def _fit_ood(ensemble: torch.nn.Module, train_data: Path, sources: ExportSources, data: EvalSet) -> OodInfo:
+    """Fit the in-distribution score on the training split's images and threshold it on the evaluation split."""
+    train = read_eval_set(train_data, "train", sources.spec.input_size, sources.detector_size, OOD_FIT_IMAGES)
+    chosen = attach_ood(ensemble, train.classifier_canvases, data.classifier_canvases)
+    log.info(
+        "export: in-distribution score fitted on %d training images; threshold %.3f = %g-th percentile of %d "
+        "validation images by a log-normal fit (sample percentile %.3f; median %.3f; training median %.3f)",
+        len(train.image_ids), chosen.threshold, chosen.percentile, chosen.n_val, chosen.empirical, chosen.val_median,
+        chosen.train_median,
+    )  # fmt: skip
+    return OodInfo(
+        threshold=chosen.threshold,
+        percentile=chosen.percentile,
+        n_val=chosen.n_val,
+        val_median=chosen.val_median,
+        train_median=chosen.train_median,
     )
 
 
@@ -178,6 +223,7 @@ def _evaluate_reference(config: ExportConfig, sources: ExportSources, fp32: Fp32
         batch_size=config.batch_size,
         map_conf=config.map_conf,
         iou=sources.iou,
+        agreement_conf=sources.conf,
     )
     return evaluate_fp32(fp32.classifier.path, fp32.detector.path, data, settings)
 
@@ -191,7 +237,6 @@ def _int8_variants(
     timings: dict[str, float],
 ) -> tuple[CalibrationSet, list[Variant]]:
     """Calibrate both FP32 graphs once, then build each INT8 target's graphs from the same ranges."""
-    members = [ClassifierMember(m.name, m.weight) for m in sources.spec.members]
     with tempfile.TemporaryDirectory(prefix="spine-edge-export-") as tmp:
         with _timed(timings, "calibration"):
             calibration = calibrate_graphs(
@@ -203,13 +248,14 @@ def _int8_variants(
                 config.calib_images,
                 config.calib_method,
                 Path(tmp),
+                sources.detector_source.class_names,
             )
         built = []
         for variant in INT8_VARIANTS:
             with _timed(timings, f"{variant} graphs"):
                 built.append(
                     build_int8_variant(
-                        variant, fp32, calibration, members, Path(config.out), evaluation, config.max_flip_fraction
+                        variant, fp32, calibration, Path(config.out), evaluation, config.sensitivity_images
                     )
                 )
     return calibration, built
@@ -226,7 +272,7 @@ def build_accuracy_report(
     if evaluation is None:
         return None
     rows = [
-        accuracy_row(v.variant, v.target, v.how, v.classifier, v.detector)
+        accuracy_row(v.variant, v.target, v.how, v.classifier, v.detector, v.coverage)
         for v in variants
         if v.classifier is not None and v.detector is not None
     ]
@@ -236,14 +282,15 @@ def build_accuracy_report(
 
 def remove_stale_files(out: Path, written: Sequence[Path]) -> list[Path]:
     """Delete export files of an earlier run in ``out`` that this run did not write (e.g. INT8 graphs
-    when only FP32 was asked for), so the folder holds no graph the new manifest does not describe.
+    when only FP32 was asked for, parity sets when there was no evaluation data), so the folder holds
+    no graph the new manifest does not describe.
     Files with other names (engines, timing caches, the user's own) are left alone.
 
     Returns:
         The files deleted.
     """
     ours = {out / FILE_NAMES[variant].format(role=role) for role in ROLES for variant in FILE_NAMES}
-    ours |= {out / REPORT_JSON, out / REPORT_MARKDOWN}
+    ours |= {out / REPORT_JSON, out / REPORT_MARKDOWN} | {parity_path(out, role) for role in MODEL_ROLES}
     removed = []
     for path in sorted(ours - {Path(p) for p in written}):
         if path.is_file():
@@ -253,6 +300,24 @@ def remove_stale_files(out: Path, written: Sequence[Path]) -> list[Path]:
     return removed
 
 
+def write_parity_sets(out: Path, data: EvalSet, count: int = PARITY_CANVASES) -> list[Path]:
+    """Store up to ``count`` letterboxed validation images per role for ``build-engines``' plan check.
+
+    Abnormal and normal images alternate, so the detector's boxes are compared on images with lesions
+    and the classifier's decisions on both classes; the same images serve both roles. The FP32
+    reference is not stored: ``build-engines`` computes it from the bundle's current FP32 graph.
+
+    Returns:
+        The files written, classifier first.
+    """
+    abnormal, normal = np.flatnonzero(data.labels == 1), np.flatnonzero(data.labels != 1)
+    order = [int(i) for pair in zip_longest(abnormal, normal) for i in pair if i is not None][:count]
+    return [
+        write_parity_set(out, "classifier", data.classifier_canvases[order]),
+        write_parity_set(out, "detector", data.detector_canvases[order]),
+    ]
+
+
 def _write_manifest(
     out: Path,
     sources: ExportSources,
@@ -260,12 +325,13 @@ def _write_manifest(
     entries: Sequence[ModelEntry],
     calibration: CalibrationSet | None,
     report: AccuracyReport | None,
+    ood: OodInfo | None,
 ) -> Path:
     """Assemble ``manifest.json`` once from the steps' results and write it, last."""
     cam = next(e for e in entries if e.file == fp32.classifier.path.name).output("cam")
     manifest = build_manifest(
         entries,
-        sources.classifier_info((int(cam.shape[1]), int(cam.shape[2]))),
+        sources.classifier_info((int(cam.shape[1]), int(cam.shape[2])), ood),
         sources.detector_info(),
         [fp32.classifier.path, fp32.detector.path],
         calibration.summary() if calibration else {},

@@ -307,9 +307,11 @@ class AccuracyGate:
 
 
 #: The accuracy gates by precision: what export's search and report and ``spine-edge bench`` apply,
-#: through :func:`spine_edge.verdict.judge`. Fidelity limits are looser than ``PLAN_GATES`` (which
-#: compare a plan on a few parity canvases): here they are measured on every evaluation image, where
-#: an outlier image is expected; ``max_flip_fraction`` always admits one image.
+#: through :func:`spine_edge.verdict.judge`. The |Δprob| and box-AP limits are those of
+#: :data:`spine_edge.fidelity.PLAN_GATES`, so a built plan may differ from FP32 by no more than its
+#: graph was accepted with. The flip limit is stricter than the plans': here every flipped decision
+#: counts (a plan counts only decisive flips, on its few parity canvases), and of the N evaluation
+#: images ``floor(max_flip_fraction * N)`` may flip, at least one (one borderline image is no evidence).
 ACCURACY_GATES: dict[str, AccuracyGate] = {
     "fp16": AccuracyGate(
         auroc_pt=0.3, map50_pt=0.5, fidelity=FidelityGates(max_abs_dprob=0.05, max_flip_fraction=0.01, min_box_ap=0.90)
