@@ -61,6 +61,12 @@ def _gate_status(report: BenchReport, label: str) -> str:
     failed = [g for g in gates if g.passed is False]
     if failed:
         return "FAIL (" + "; ".join(g.name.removeprefix(f"{label} ") for g in failed) + ")"
+    if any(g.verdict == "inconclusive" for g in gates):
+        return (
+            "inconclusive ("
+            + "; ".join(g.name.removeprefix(f"{label} ") for g in gates if g.verdict == "inconclusive")
+            + ")"
+        )
     return "pass" if any(g.passed for g in gates) else "not measured"
 
 
@@ -96,23 +102,83 @@ def _accuracy_tables(report: BenchReport) -> list[str]:
         acc = bench.accuracy
         assert acc is not None
         cls = acc.classification
-        rows.append([bench.label, _num(cls.auroc), _num(cls.sensitivity), _num(cls.specificity), _num(cls.f1),
-                     str(acc.positives), _num(acc.detector.map50), _num(acc.detector.map50_95), _num(acc.cascade.map50),
-                     _num(acc.cascade.map50_95), _delta(acc.delta_cascade_map50_pt), str(acc.flips)])
-    header = ["Precision", "AUROC", "Sens@τ", "Spec@τ", "F1@τ", "Positives", "mAP@0.5 det", "mAP@.5:.95 det",
-              "mAP@0.5 cascade", "mAP@.5:.95 cascade", "Δ cascade mAP@0.5 pt", "Flips"]
+        rows.append(
+            [
+                bench.label,
+                _num(cls.auroc),
+                _num(cls.sensitivity),
+                _num(cls.specificity),
+                _num(cls.f1),
+                str(acc.positives),
+                _num(acc.detector.map50),
+                _num(acc.detector.map50_95),
+                _num(acc.cascade.map50),
+                _num(acc.cascade.map50_95),
+                _delta(acc.delta_cascade_map50_pt),
+                str(acc.flips),
+            ]
+        )
+    header = [
+        "Precision",
+        "AUROC",
+        "Sens@τ",
+        "Spec@τ",
+        "F1@τ",
+        "Positives",
+        "mAP@0.5 det",
+        "mAP@.5:.95 det",
+        "mAP@0.5 cascade",
+        "mAP@.5:.95 cascade",
+        "Δ cascade mAP@0.5 pt",
+        "Flips",
+    ]
     n_images = report.data.get("evaluated", len(report.labels) if report.labels is not None else 0)
-    parts = [f"Accuracy on {n_images} test images (τ = {report.threshold:g}; boxes at the bundle's confidence "
-             "threshold; the cascade keeps boxes only above τ):", "", _table(header, rows), ""]
+    parts = [
+        f"Accuracy on {n_images} test images (τ = {report.threshold:g}; boxes at the bundle's confidence "
+        "threshold; the cascade keeps boxes only above τ):",
+        "",
+        _table(header, rows),
+        "",
+    ]
     names = list(scored[0].accuracy.detector.per_class)  # type: ignore[union-attr]
     class_rows = []
     for name in names:
         first = scored[0].accuracy.detector.per_class[name]  # type: ignore[union-attr]
         cells = [_num(b.accuracy.detector.per_class[name].ap50) for b in scored]  # type: ignore[union-attr]
         class_rows.append([name, str(first.n_ground_truth), *cells])
-    parts += ["AP@0.5 per class, detector alone:", "",
-              _table(["Class", "GT boxes", *(b.label for b in scored)], class_rows), ""]
+    parts += [
+        "AP@0.5 per class, detector alone:",
+        "",
+        _table(["Class", "GT boxes", *(b.label for b in scored)], class_rows),
+        "",
+    ]
     return parts
+
+
+def _decode_parity_table(report: BenchReport) -> list[str]:
+    """Reduced-resolution against full decode (``data`` only; see :mod:`benchmarks.decode_parity`)."""
+    parity = report.data.get("decode_parity")
+    if not parity:
+        return []
+    targets = parity["targets"]
+    row = [
+        f"{parity['reduced_images']} / {parity['images']}",
+        str(parity["long_side"]),
+        f"{parity['read_ms_full']:.0f} → {parity['read_ms_reduced']:.0f} ({parity['read_speedup']:.1f}x)",
+        f"{parity['images_per_second_full']:.1f} → {parity['images_per_second_reduced']:.1f}",
+        _num(parity["max_abs_dprob"]),
+        str(parity["gate_flips"]),
+        _num(parity["box_ap"]),
+        "pass" if parity["meets_targets"] else "MISSED",
+    ]
+    header = ["Reduced / images", "Long side px", "Read ms p50", "images/s", "max |Δprob|", "Gate flips",
+              "Box AP vs full", f"Targets (≤ {targets['max_flips']} flips, AP ≥ {targets['min_box_ap']})"]  # fmt: skip
+    return [
+        "Decode at the models' resolution against the full decode (reference precision, detector forced):",
+        "",
+        _table(header, [row]),
+        "",
+    ]
 
 
 def format_table(report: BenchReport) -> str:
@@ -123,17 +189,43 @@ def format_table(report: BenchReport) -> str:
         | Precision | Backend | Input (cls/det) | AUROC | ...
     """
     env = report.environment
-    parts = [f"spine-edge bench: bundle {report.bundle_id} ({report.bundle}), {report.data.get('source')} data, "
-             f"{env.get('cpu')}" + (f", {env['gpu']}" if env.get("gpu") else "")
-             + f", {env.get('threads')} threads, τ = {report.threshold:g}", ""]
-    header = ["Precision", "Backend", "Input (cls/det)", "AUROC", "mAP@0.5 det", "mAP@0.5 cascade", "ms/img p50",
-              "ms/img p95", "images/s", "ΔAUROC pt", "ΔmAP@0.5 pt", "Flips", "Gate"]
+    parts = [
+        f"spine-edge bench: bundle {report.bundle_id} ({report.bundle}), {report.data.get('source')} data, "
+        f"{env.get('cpu')}"
+        + (f", {env['gpu']}" if env.get("gpu") else "")
+        + f", {env.get('threads')} threads, τ = {report.threshold:g}",
+        "",
+    ]
+    header = [
+        "Precision",
+        "Backend",
+        "Input (cls/det)",
+        "AUROC",
+        "mAP@0.5 det",
+        "mAP@0.5 cascade",
+        "ms/img p50",
+        "ms/img p95",
+        "images/s",
+        "ΔAUROC pt",
+        "ΔmAP@0.5 pt",
+        "Flips",
+        "Gate",
+    ]
     rows = [_summary_row(report, bench) for bench in report.precisions]
     if report.baseline is not None:
         b = report.baseline
-        rows.append(["PyTorch eager", f"torch {b.versions.get('torch', '')} CPU",
-                     f"{report.input_sizes['classifier']}/{report.input_sizes['detector']}", DASH, DASH, DASH,
-                     _ms(b.classifier.p50 + b.detector_predict.p50) + " (classifier + predict)", *[DASH] * 6])
+        rows.append(
+            [
+                "PyTorch eager",
+                f"torch {b.versions.get('torch', '')} CPU",
+                f"{report.input_sizes['classifier']}/{report.input_sizes['detector']}",
+                DASH,
+                DASH,
+                DASH,
+                _ms(b.classifier.p50 + b.detector_predict.p50) + " (classifier + predict)",
+                *[DASH] * 6,
+            ]
+        )
     parts += [_table(header, rows), ""]
 
     stage_rows = []
@@ -146,10 +238,15 @@ def format_table(report: BenchReport) -> str:
             cells.append(f"{_ms(stats.p50)} / {_ms(stats.p95)}" if stats else DASH)
         stage_rows.append([bench.label, *cells])
     if stage_rows:
-        parts += ["Latency per stage at batch 1, ms p50 / p95 (detector and postprocess over the images the gate "
-                  "passed):", "", _table(["Precision", *STAGES, "end to end"], stage_rows), ""]
+        parts += [
+            "Latency per stage at batch 1, ms p50 / p95 (detector and postprocess over the images the gate passed):",
+            "",
+            _table(["Precision", *STAGES, "end to end"], stage_rows),
+            "",
+        ]
 
     parts += _accuracy_tables(report)
+    parts += _decode_parity_table(report)
 
     model_rows = []
     for bench in report.precisions:
@@ -165,10 +262,25 @@ def format_table(report: BenchReport) -> str:
         row += [f"{speedups[k]:.2f}x" if k in speedups else DASH for k in ("classifier", "detector")]
         model_rows.append(row)
     if model_rows:
-        parts += ["Models alone at batch 1 (preprocessed input): ms per image, achieved GFLOP/s, peak RSS MiB, "
-                  "speed-up over PyTorch eager:", "",
-                  _table(["Precision", "Classifier ms", "Classifier GFLOP/s", "Detector ms", "Detector GFLOP/s",
-                          "Peak RSS MiB", "vs PyTorch classifier", "vs PyTorch detector"], model_rows), ""]
+        parts += [
+            "Models alone at batch 1 (preprocessed input): ms per image, achieved GFLOP/s, peak RSS MiB, "
+            "speed-up over PyTorch eager:",
+            "",
+            _table(
+                [
+                    "Precision",
+                    "Classifier ms",
+                    "Classifier GFLOP/s",
+                    "Detector ms",
+                    "Detector GFLOP/s",
+                    "Peak RSS MiB",
+                    "vs PyTorch classifier",
+                    "vs PyTorch detector",
+                ],
+                model_rows,
+            ),
+            "",
+        ]
 
     if report.gates:
         parts += ["Gates:"] + [f"- {g.message()}" for g in report.gates] + [""]
@@ -206,8 +318,13 @@ def plot_roc(report: BenchReport, path: Path) -> Path | None:
         auroc = bench.accuracy.classification.auroc if bench.accuracy else math.nan
         ax.plot(fpr, tpr, label=f"{bench.label} (AUROC {auroc:.4f})")
     ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
-    ax.set(xlabel="False-positive rate (1 - specificity)", ylabel="True-positive rate (sensitivity)",
-           title=f"Classifier ROC, {len(report.labels)} images", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="False-positive rate (1 - specificity)",
+        ylabel="True-positive rate (sensitivity)",
+        title=f"Classifier ROC, {len(report.labels)} images",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="lower right")
     return _save(figure, path)
 
@@ -220,8 +337,13 @@ def plot_precision_recall(bench: PrecisionBench, path: Path) -> Path | None:
     ax = figure.add_subplot()
     for name, curve in bench.curves.items():
         ax.plot(curve.recall, curve.precision, label=f"{name} (AP50 {curve.ap50:.3f})")
-    ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"Detector precision-recall at IoU 0.5, {bench.label}")
+    ax.set(
+        xlabel="Recall",
+        ylabel="Precision",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        title=f"Detector precision-recall at IoU 0.5, {bench.label}",
+    )
     ax.legend(loc="upper right", fontsize="small")
     return _save(figure, path)
 

@@ -8,6 +8,12 @@ Phases, in order (each with a progress bar on stderr):
    :mod:`benchmarks.synthetic`).
 2. **Accuracy** (``data`` only): every precision's cascade, detector forced, over the split, each
    image read once (:mod:`benchmarks.accuracy`); FP32 is the reference.
+   Then the **guard** (:mod:`benchmarks.guard_eval`): every precision's guarded cascade over the
+   split and a generated set of non-radiographs (false and true refusals, decisions compared with
+   FP32) and the CAM pointing game; the accuracy and latency phases themselves run unguarded, so
+   they measure the models on every image. Then the **decode parity**
+   (:mod:`benchmarks.decode_parity`): the reference cascade over the split with the full decode
+   and with the reduced-resolution one the cascade uses, compared (|Δprob|, gate flips, box AP).
 3. **Latency** per precision: the cascade at batch 1 (stages and end to end), throughput at each
    batch size, and each graph alone on preprocessed canvases (:mod:`benchmarks.latency`), with
    peak host (and GPU) memory and GFLOP/s against the FP32 graph's FLOP count.
@@ -54,13 +60,23 @@ from spine_edge.benchmarks.accuracy import (
     write_coco_files,
 )
 from spine_edge.benchmarks.baseline_torch import BaselineTiming, baseline_checkpoints, run_torch_baseline
-from spine_edge.benchmarks.config import REFERENCE, BenchConfig, BenchPlan, plan_precisions
+from spine_edge.benchmarks.config import (
+    PRECISIONS,
+    REFERENCE,
+    BenchConfig,
+    BenchPlan,
+    accuracy_cascade,
+    plan_precisions,
+)
+from spine_edge.benchmarks.decode_parity import measure_decode_parity
 from spine_edge.benchmarks.environment import environment_record, uses_gpu
 from spine_edge.benchmarks.flops import count_flops
+from spine_edge.benchmarks.guard_eval import evaluate_guard
 from spine_edge.benchmarks.latency import (
     ModelTimings,
     ResourceMeter,
     Throughput,
+    gpu_memory_note,
     measure_throughput,
     time_cascade,
     time_model,
@@ -97,8 +113,13 @@ def load_truth(root: Path, max_images: int | None) -> tuple[TruthSet, dict[str, 
             "check annotations/test.csv and test_images/, e.g. with `spine-edge data check`"
         )
     truth = truth_from_records(records)
-    info = {"source": "vindr-test", "root": str(Path(root).resolve()), "test_images_in_split": len(dataset.test),
-            "problems": len(dataset.problems), **truth.describe()}
+    info = {
+        "source": "vindr-test",
+        "root": str(Path(root).resolve()),
+        "test_images_in_split": len(dataset.test),
+        "problems": len(dataset.problems),
+        **truth.describe(),
+    }
     return truth, info
 
 
@@ -106,10 +127,16 @@ def _synthetic_inputs(config: BenchConfig, folder: Path) -> tuple[list[Path], di
     """Synthetic radiographs written into ``folder``, their description, and the note saying so."""
     with progress_bar(config.progress, config.synthetic_images, "writing synthetic radiographs") as bar:
         paths = write_synthetic_radiographs(folder, config.synthetic_images, progress=bar.update)
-    info = {"source": "synthetic", "images": len(paths), "sizes": [list(s) for s in REAL_SIZES],
-            "format": "DICOM, JPEG 2000 lossless, 12-bit"}
-    note = (f"no --data: latency only, on {len(paths)} synthetic 12-bit JPEG 2000 DICOM radiographs at "
-            "real VinDr-SpineXR sizes; pass --data ROOT for accuracy on a labelled test split")
+    info = {
+        "source": "synthetic",
+        "images": len(paths),
+        "sizes": [list(s) for s in REAL_SIZES],
+        "format": "DICOM, JPEG 2000 lossless, 12-bit",
+    }
+    note = (
+        f"no --data: latency only, on {len(paths)} synthetic 12-bit JPEG 2000 DICOM radiographs at "
+        "real VinDr-SpineXR sizes; pass --data ROOT for accuracy on a labelled test split"
+    )
     return paths, info, note
 
 
@@ -125,8 +152,10 @@ def _sample_images(paths: Sequence[Path]) -> list[np.ndarray]:
 
 def _canvases(manifest: Manifest, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """``[M, 1, S, S]`` letterboxed inputs of each graph, as the cascade prepares them."""
-    sides = {"classifier": (manifest.classifier.input_size, manifest.classifier.pad_value),
-             "detector": (manifest.detector.input_size, manifest.detector.pad_value)}
+    sides = {
+        "classifier": (manifest.classifier.input_size, manifest.classifier.pad_value),
+        "detector": (manifest.detector.input_size, manifest.detector.pad_value),
+    }
     return {
         role: np.stack([letterbox(image, size, pad)[0] for image in images])[:, None]
         for role, (size, pad) in sides.items()
@@ -153,9 +182,17 @@ def _run_accuracy(config: BenchConfig, manifest: Manifest, plan: BenchPlan, trut
     cascades: dict[str, Cascade] = {}
     try:
         for label, backend, provider in plan.accuracy:
+            precision, graph_target = accuracy_cascade(label)
             settings = replace(
-                config.cascade, precision=label, backend=backend, provider=provider,  # type: ignore[arg-type]
-                batch_size=batch, force_detector=True, heatmaps=False,
+                config.cascade,
+                precision=precision,
+                backend=backend,
+                provider=provider,  # type: ignore[arg-type]
+                batch_size=batch,
+                force_detector=True,
+                heatmaps=False,
+                guard=False,
+                graph_target=graph_target,
             )
             cascades[label] = Cascade.from_config(settings)
         backends = {label: cascade.backend for label, cascade in cascades.items()}
@@ -168,8 +205,10 @@ def _run_accuracy(config: BenchConfig, manifest: Manifest, plan: BenchPlan, trut
     for label, pred in predictions.items():
         if pred.errors:
             index, reason = pred.errors[0]
-            notes.append(f"accuracy: {len(pred.errors)} image(s) failed on {label} and were left out of every "
-                         f"precision's metrics, e.g. {truth.paths[index]}: {reason}")
+            notes.append(
+                f"accuracy: {len(pred.errors)} image(s) failed on {label} and were left out of every "
+                f"precision's metrics, e.g. {truth.paths[index]}: {reason}"
+            )
     keep = valid_indices(predictions)
     if not keep:
         raise DatasetError(f"{config.data}: no test image could be processed ({notes[0]})")
@@ -197,8 +236,13 @@ def model_calls(runs: int, batch: int) -> int:
 
 
 def _model_timings(
-    config: BenchConfig, manifest: Manifest, precision: str, backend: str, canvases: Mapping[str, np.ndarray],
-    gflops: Mapping[str, float | None], progress: Callable[[int], None],
+    config: BenchConfig,
+    manifest: Manifest,
+    precision: str,
+    backend: str,
+    canvases: Mapping[str, np.ndarray],
+    gflops: Mapping[str, float | None],
+    progress: Callable[[int], None],
 ) -> tuple[tuple[ModelTimings, ...], np.ndarray | None, list[str]]:
     """Each graph alone at every batch size; also the classifier's probabilities on the canvases, and notes."""
     settings = config.cascade
@@ -213,8 +257,10 @@ def _model_timings(
             for b in config.batch_sizes:
                 progress(1)
                 if cap is not None and b > cap:
-                    notes.append(f"{precision} {role}: batch {b} exceeds the graph's maximum batch {cap}: not timed "
-                                 f"alone, and the cascade's b{b} throughput ran batches of {cap}")
+                    notes.append(
+                        f"{precision} {role}: batch {b} exceeds the graph's maximum batch {cap}: not timed "
+                        f"alone, and the cascade's b{b} throughput ran batches of {cap}"
+                    )
                     continue
                 calls = model_calls(config.runs, b)
                 by_batch.append(time_model(graph, canvases[role], b, calls, warmup=max(1, min(config.warmup, 2))))
@@ -231,25 +277,34 @@ def _throughput(config: BenchConfig, cascade: Cascade, label: str, paths: Sequen
     """Images per second through ``predict_many`` at the cascade's batch size, with memory."""
     batch = cascade.config.batch_size
     images = throughput_images(config.runs, batch)
-    with ResourceMeter(gpu) as meter, progress_bar(config.progress, images, f"{label} throughput b{batch}") as bar:
+    meter = ResourceMeter(gpu, config.cascade.device)
+    with meter, progress_bar(config.progress, images, f"{label} throughput b{batch}") as bar:
         seconds, ok = measure_throughput(cascade, paths, images, progress=bar.update)
     return Throughput(batch, ok, seconds, meter.resources)
 
 
 def _latency(
-    config: BenchConfig, manifest: Manifest, plan: BenchPlan, label: str, paths: Sequence[Path],
-    canvases: Mapping[str, np.ndarray], gflops: Mapping[str, float | None], gpu: bool,
+    config: BenchConfig,
+    manifest: Manifest,
+    plan: BenchPlan,
+    label: str,
+    paths: Sequence[Path],
+    canvases: Mapping[str, np.ndarray],
+    gflops: Mapping[str, float | None],
+    gpu: bool,
 ) -> tuple[PrecisionBench, np.ndarray | None, list[str]]:
     """Batch-1 latency, throughput per batch size and isolated models of one precision (and notes).
 
     Memory is measured once the graphs are loaded (the high-water mark restarts at the loaded
     RSS), so it is the steady state a kiosk runs in, not the transient of building a session.
     """
-    settings = replace(config.cascade, precision=label, backend=plan.backend)  # type: ignore[arg-type]
+    # The guard's own phase measures its decisions; latency times the models on every image.
+    settings = replace(config.cascade, precision=label, backend=plan.backend, guard=False)  # type: ignore[arg-type]
     throughput: dict[int, Throughput] = {}
     with Cascade.from_config(replace(settings, batch_size=1)) as cascade:
         runs = config.runs + config.warmup
-        with ResourceMeter(gpu) as meter, progress_bar(config.progress, runs, f"{label} latency") as bar:
+        meter = ResourceMeter(gpu, config.cascade.device)
+        with meter, progress_bar(config.progress, runs, f"{label} latency") as bar:
             timing = time_cascade(cascade, paths, config.runs, config.warmup, progress=bar.update)
         backend = cascade.backend
         if 1 in config.batch_sizes:  # the same cascade: a second session set would only cost load time
@@ -264,9 +319,15 @@ def _latency(
     }
     with progress_bar(config.progress, 2 * len(config.batch_sizes), f"{label} models alone") as bar:
         models, probs, notes = _model_timings(config, manifest, label, plan.backend, canvases, gflops, bar.update)
-    bench = PrecisionBench(label=label, backend=backend, files=files, latency=timing,
-                           throughput=tuple(throughput[b] for b in config.batch_sizes), models=models,
-                           resources=meter.resources)
+    bench = PrecisionBench(
+        label=label,
+        backend=backend,
+        files=files,
+        latency=timing,
+        throughput=tuple(throughput[b] for b in config.batch_sizes),
+        models=models,
+        resources=meter.resources,
+    )
     return bench, probs, notes
 
 
@@ -286,8 +347,10 @@ def _flops(manifest: Manifest, bundle: Path) -> tuple[dict[str, float | None], l
             return {"classifier": None, "detector": None}, ["GFLOP/s not reported: the onnx package is not installed"]
         out[role] = count.gflops
         if count.uncounted:
-            notes.append(f"GFLOP/s is a lower bound: {len(count.uncounted)} {role} node(s) whose shapes ONNX shape "
-                         f"inference leaves unresolved are not counted (e.g. {count.uncounted[0]})")
+            notes.append(
+                f"GFLOP/s is a lower bound: {len(count.uncounted)} {role} node(s) whose shapes ONNX shape "
+                f"inference leaves unresolved are not counted (e.g. {count.uncounted[0]})"
+            )
     return out, notes
 
 
@@ -302,7 +365,10 @@ def _baseline(
         return None, "baseline: skipped (--no-baseline)"
     checkpoints = baseline_checkpoints(config.checkpoints)
     if checkpoints is None:
-        return None, "baseline: skipped (opt-in: pass --checkpoints CKPT, the trusted folder the bundle was exported from)"
+        return (
+            None,
+            "baseline: skipped (opt-in: pass --checkpoints CKPT, the trusted folder the bundle was exported from)",
+        )
     if not checkpoints.is_dir():
         return None, f"baseline: skipped ({checkpoints} is not a folder; pass --checkpoints CKPT)"
     threads = config.cascade.threads or available_cores()
@@ -359,8 +425,12 @@ def _assemble(
         if acc is not None and label in acc.metrics:
             bench = bench or PrecisionBench(label=label, backend=acc.backends[label], files={})
             detections = acc.predictions[label].detections
-            bench = replace(bench, accuracy=acc.metrics[label], probs=acc.predictions[label].probs,
-                            curves=precision_recall_curves(acc.truth.boxes, detections, class_names))
+            bench = replace(
+                bench,
+                accuracy=acc.metrics[label],
+                probs=acc.predictions[label].probs,
+                curves=precision_recall_curves(acc.truth.boxes, detections, class_names),
+            )
         if bench is not None:
             out.append(bench)
     return tuple(out)
@@ -398,8 +468,30 @@ def run_bench(config: BenchConfig) -> BenchReport:
             with _timed(phases, "accuracy"):
                 acc = _run_accuracy(config, manifest, plan, truth)
             notes += acc.notes
-            data_info |= {"evaluated": len(acc.truth), "detector_conf": manifest.detector.conf_threshold,
-                          "detector_iou": manifest.detector.iou_threshold}
+            data_info |= {
+                "evaluated": len(acc.truth),
+                "detector_conf": manifest.detector.conf_threshold,
+                "detector_iou": manifest.detector.iou_threshold,
+            }
+            with _timed(phases, "guard"):
+                guard = evaluate_guard(
+                    replace(config.cascade, backend=plan.backend), acc.truth,
+                    [label for label, _, _ in plan.accuracy if label in PRECISIONS], Path(tmp) / "non_radiographs",
+                    REFERENCE,
+                )  # fmt: skip
+            data_info["guard"] = guard.to_dict()
+            notes += guard.notes()
+            with (
+                _timed(phases, "decode parity"),
+                progress_bar(
+                    config.progress, 2 * len(acc.truth), "decode parity (full, then reduced resolution)"
+                ) as bar,
+            ):
+                parity = measure_decode_parity(
+                    replace(config.cascade, precision=REFERENCE, backend=plan.backend), acc.truth.paths, bar.update
+                )
+            data_info["decode_parity"] = parity.to_dict()
+            notes += parity.notes()
             paths = list(acc.truth.paths)
         else:
             with _timed(phases, "synthetic images"):
@@ -417,6 +509,8 @@ def run_bench(config: BenchConfig) -> BenchReport:
             notes += latency_notes
             if label == REFERENCE:
                 reference_probs = probs
+        if gpu:
+            notes.append(gpu_memory_note({label: bench.resources for label, bench in benches.items()}))
 
     with _timed(phases, "baseline"):
         baseline, baseline_note = _baseline(config, manifest, images)

@@ -3,14 +3,27 @@
 ``read → letterbox (classifier size) → classifier (TTA + ensemble + CAM in one graph) → gate at τ
 → letterbox (detector size, pad 114) → detector → decode + NMS → boxes in original pixels``.
 
+The input guard (:mod:`spine_edge.guard`) runs cheapest first: the DICOM header rules before any
+pixel is decoded, the image rules on the decoded image (its colour samples included), and the
+in-distribution score, an output of the classifier graph, before the gate. An input it refuses gets
+a ``refused`` result with the reason and never reaches the gate or the detector.
+
 The Python API (a kiosk embeds it) and ``spine-edge infer`` share this one code path.
 
 Reading and letterboxing run in a small thread pool, a bounded number of images ahead of the
 model, so decoding the next batch overlaps inference (ONNX Runtime and TensorRT release the GIL)
-while memory stays flat. Measured here: PNG decoding (OpenCV) releases the GIL, but the JPEG 2000
-decoder pydicom uses for VinDr-SpineXR files (pylibjpeg-openjpeg) holds it for the whole decode, so
-two JPEG 2000 files never decode at once; OpenCV decodes the same codestream bit-exactly with the
-GIL released, which is the fix (in the reader) rather than processes here.
+while memory stays flat. PNG decoding (OpenCV) releases the GIL, and so does JPEG 2000 where
+:mod:`spine_edge.j2k` finds a libopenjp2 (OpenJPEG called through ctypes): JPEG 2000 files then
+decode in parallel with each other and with the models. Without that library the reader falls back
+to pydicom's decoder plugin, which holds the GIL for the whole decode, so reads take turns.
+
+Images are decoded at the resolution the models use: the reader is asked for the largest model
+input of the bundle as its target long side (:attr:`Cascade.decode_long_side`), so a JPEG 2000
+radiograph is decoded at the smallest wavelet level that still covers it (4-20x faster than a full
+decode at VinDr-SpineXR sizes) and every other format at full size. Boxes are mapped back to the
+original pixels (letterbox, then :meth:`spine_edge.imageio.Radiograph.boxes_to_original`) and
+``image_size`` stays the original size; ``decoded_size`` says which size ``image`` (and the
+overlays drawn on it) has. :attr:`CascadeConfig.full_resolution` decodes every image at full size.
 
 Memory of the read-ahead is bounded in bytes, not only in images: before decoding, each read asks
 :func:`spine_edge.imageio.estimate_decode_bytes` what its decode will hold at its peak (from the
@@ -34,20 +47,40 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
-from spine_edge.backends import Backend, BackendChoice, ModelSelection, PrecisionChoice, create_backend, select_model
+from spine_edge.backends import (
+    Backend,
+    BackendChoice,
+    GraphTarget,
+    ModelSelection,
+    PrecisionChoice,
+    create_backend,
+    select_model,
+)
 from spine_edge.backends.onnxruntime import ProviderChoice
 from spine_edge.bundle import Manifest, Role, default_bundle_path, load_manifest
 from spine_edge.errors import BackendError, BundleError, ImageReadError
+from spine_edge.guard import (
+    OOD_POLICIES,
+    GuardConfig,
+    GuardDecision,
+    GuardFlag,
+    OodPolicy,
+    Refusal,
+    check_header,
+    check_image,
+    check_ood,
+    read_header,
+)
 
 # The reader's own 16-bit mapping, so an array handed in by a kiosk looks like the same image read
 # from a 16-bit PNG (imageio keeps it private; see the report to make it public).
-from spine_edge.imageio import estimate_decode_bytes, gray_to_uint8, read_image
+from spine_edge.imageio import Radiograph, estimate_decode_bytes, gray_to_uint8, read_image
 from spine_edge.postprocess import decode_yolo
 from spine_edge.preprocess import Letterbox, letterbox
 from spine_edge.results import CascadeResult, Detection, StageLatency
@@ -84,6 +117,16 @@ class CascadeConfig:
         threads: ONNX Runtime intra-op threads (None: the cores available).
         read_ahead_bytes: Most bytes the reads in flight may hold together at their decode peak
             (1 GiB: two radiograph-sized reads at the reader's per-image limit); see the module docstring.
+        guard: Run the input guard's header and image rules (:mod:`spine_edge.guard`).
+        guard_rules: Their limits.
+        ood: What an in-distribution score above the bundle's threshold does: ``refuse`` the image or
+            judge it with a ``flag``.
+        graph_target: On ONNX Runtime, load the graphs written for this target instead of the
+            provider's own (None): ``tensorrt`` runs the TensorRT Q/DQ graphs, e.g. on the CPU to
+            measure their accuracy before they meet a GPU.
+        full_resolution: Decode every image at its full size, not at the smallest JPEG 2000
+            resolution level that covers the largest model input (see the module docstring).
+        device: CUDA device index for TensorRT and ONNX Runtime's GPU providers.
     """
 
     bundle: Path | None = None
@@ -96,14 +139,24 @@ class CascadeConfig:
     read_workers: int = 2
     threads: int | None = None
     read_ahead_bytes: int = 1 << 30
+    guard: bool = True
+    guard_rules: GuardConfig = field(default_factory=GuardConfig)
+    ood: OodPolicy = "refuse"
+    graph_target: GraphTarget | None = None
+    full_resolution: bool = False
+    device: int = 0
 
     def __post_init__(self) -> None:
+        if self.ood not in OOD_POLICIES:
+            raise ValueError(f"ood must be one of {', '.join(OOD_POLICIES)}, got {self.ood!r}")
         if self.read_ahead_bytes < 1:
             raise ValueError(f"read_ahead_bytes must be positive, got {self.read_ahead_bytes}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.read_workers < 1:
             raise ValueError(f"read_workers must be at least 1, got {self.read_workers}")
+        if self.device < 0:
+            raise ValueError(f"device must be a CUDA device index (0 or more), got {self.device}")
 
     @property
     def bundle_dir(self) -> Path:
@@ -135,6 +188,21 @@ class _Prepared:
     canvas: np.ndarray | None = None
     letterbox: Letterbox | None = None
     error: str | None = None
+    refusal: Refusal | None = None
+    flags: tuple[GuardFlag, ...] = ()
+    # Files only, colour samples dropped: the original size and the map from ``image`` pixels to it.
+    radiograph: Radiograph | None = None
+
+    @property
+    def original_size(self) -> tuple[int, int] | None:
+        """(height, width) of the original pixels the boxes are reported in; None when nothing was read."""
+        if self.radiograph is not None:
+            return self.radiograph.source_shape
+        return None if self.image is None else (int(self.image.shape[0]), int(self.image.shape[1]))
+
+    def boxes_to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """``[K, 4]`` boxes from ``image`` pixels to original pixels (an array input is its own original)."""
+        return boxes if self.radiograph is None else self.radiograph.boxes_to_original(boxes)
 
 
 @dataclass(frozen=True)
@@ -199,18 +267,48 @@ class _ByteBudget:
                 self._room.notify_all()
 
 
-def _read(path: Path, budget: _ByteBudget) -> np.ndarray:
-    """Decode a file once the read-ahead has room for its estimated peak."""
-    with budget.hold(estimate_decode_bytes(path)):
-        return read_image(path).image
+def _read(path: Path, budget: _ByteBudget, long_side: int | None) -> Radiograph:
+    """Decode a file for a target long side once the read-ahead has room for that decode's estimated peak."""
+    # The same target for both calls: the budget must hold what this decode costs, not a full decode's peak.
+    with budget.hold(estimate_decode_bytes(path, long_side)):
+        return read_image(path, long_side)
 
 
-def _prepare(source: Source, size: int, pad_value: int, budget: _ByteBudget) -> _Prepared:
-    """Read one input and letterbox it for the classifier; never raises for a bad input."""
+def _prepare(
+    source: Source, size: int, pad_value: int, budget: _ByteBudget, rules: GuardConfig | None, long_side: int | None
+) -> _Prepared:
+    """Read one input, run the guard's rules and letterbox it; never raises for a bad input.
+
+    Args:
+        source: A path or an in-memory image.
+        size: The classifier's input side.
+        pad_value: Its letterbox padding.
+        budget: The read-ahead's byte budget.
+        rules: The guard's header and image rules; None runs none.
+        long_side: The long side to decode for (:attr:`Cascade.decode_long_side`); None for full size.
+    """
     name = ARRAY_SOURCE if isinstance(source, np.ndarray) else str(source)
     start = time.perf_counter()
+    decision = GuardDecision()
+    kept: Radiograph | None = None
     try:
-        image = _array_image(source) if isinstance(source, np.ndarray) else _read(Path(source), budget)
+        if isinstance(source, np.ndarray):
+            image = _array_image(source)
+            if rules is not None:
+                decision = check_image(image, config=rules)
+        else:
+            if rules is not None:
+                decision = check_header(read_header(source))
+                if decision.refused:  # refused from the header alone: nothing is decoded
+                    ms = (time.perf_counter() - start) * 1e3
+                    return _Prepared(name, ms, refusal=decision.refusal, flags=decision.flags)
+            radiograph = _read(Path(source), budget, long_side)
+            image = radiograph.image
+            kept = replace(radiograph, colour=None)  # the colour samples only serve the guard, just below
+            if rules is not None:
+                decision = decision.then(
+                    check_image(image, radiograph.colour, radiograph.source_shape, radiograph.pixel_spacing, rules)
+                )
     except ImageReadError as exc:
         reason = exc.reason + (f" ({exc.hint})" if exc.hint else "")
         return _Prepared(name, (time.perf_counter() - start) * 1e3, error=reason)
@@ -218,6 +316,15 @@ def _prepare(source: Source, size: int, pad_value: int, budget: _ByteBudget) -> 
         log.exception("%s: unexpected error while reading", name)
         return _Prepared(name, (time.perf_counter() - start) * 1e3, error=f"unexpected {type(exc).__name__}: {exc}")
     read_done = time.perf_counter()
+    if decision.refused:
+        return _Prepared(
+            name,
+            (read_done - start) * 1e3,
+            image=image,
+            refusal=decision.refusal,
+            flags=decision.flags,
+            radiograph=kept,
+        )
     canvas, placement = letterbox(image, size, pad_value)
     return _Prepared(
         name,
@@ -226,6 +333,8 @@ def _prepare(source: Source, size: int, pad_value: int, budget: _ByteBudget) -> 
         image=image,
         canvas=canvas,
         letterbox=placement,
+        flags=decision.flags,
+        radiograph=kept,
     )
 
 
@@ -253,6 +362,11 @@ class Cascade:
         self._prob_name = classifier.selection.entry.output("probability").name
         self._cam_name = classifier.selection.entry.output("cam").name
         self._raw_name = detector.selection.entry.output("yolo_raw").name
+        # Bundles exported before the in-distribution score (or without training images) have no such
+        # output: their records carry no score and the learned rule is off.
+        self._ood_name = next((o.name for o in classifier.selection.entry.outputs if o.role == "ood_score"), None)
+        self._ood_threshold = manifest.classifier.ood.threshold if manifest.classifier.ood is not None else None
+        self._rules = config.guard_rules if config.guard else None
         channels = next(s.shape[1] for s in detector.selection.entry.outputs if s.name == self._raw_name)
         if isinstance(channels, int) and channels != 4 + len(manifest.detector.class_names):
             raise BundleError(
@@ -307,14 +421,29 @@ class Cascade:
         )
         try:
             for role, size, pad in plan:
-                selection = select_model(manifest, role, config.precision, config.backend, config.provider)
-                backends.append(create_backend(bundle, manifest, selection, threads=config.threads))
+                selection = select_model(
+                    manifest, role, config.precision, config.backend, config.provider, config.graph_target
+                )
+                backends.append(
+                    create_backend(bundle, manifest, selection, threads=config.threads, device=config.device)
+                )
                 graphs.append(_graph(backends[-1].activate(), selection, size, pad, config.batch_size))
             return cls(config, manifest, graphs[0], graphs[1])
         except BaseException:
             for backend in backends:
                 backend.deactivate()
             raise
+
+    @property
+    def decode_long_side(self) -> int | None:
+        """The long side images are decoded for: the largest model input, or None (full size) with ``full_resolution``.
+
+        Both graphs are fed from this one decode (the detector letterboxes the same image), so it must
+        cover the larger of the two inputs.
+        """
+        if self.config.full_resolution:
+            return None
+        return max(self._classifier.size, self._detector.size)
 
     @property
     def threshold(self) -> float:
@@ -349,7 +478,9 @@ class Cascade:
         Returns:
             The result; ``status == "error"`` with the reason when the image could not be read.
         """
-        read = _prepare(source, self._classifier.size, self._classifier.pad_value, self._budget)
+        read = _prepare(
+            source, self._classifier.size, self._classifier.pad_value, self._budget, self._rules, self.decode_long_side
+        )
         return self._run_batch([read])[0]
 
     def predict_many(self, sources: Iterable[Source], prefetch: int | None = None) -> Iterator[CascadeResult]:
@@ -364,7 +495,7 @@ class Cascade:
         """
         batch = self._classifier.batch
         ahead = max(batch, prefetch if prefetch is not None else 2 * batch)
-        size, pad = self._classifier.size, self._classifier.pad_value
+        size, pad, long_side = self._classifier.size, self._classifier.pad_value, self.decode_long_side
         pool = ThreadPoolExecutor(max_workers=self.config.read_workers, thread_name_prefix="spine-edge-read")
         pending: deque[Future[_Prepared]] = deque()
         remaining = iter(sources)
@@ -375,7 +506,7 @@ class Cascade:
                 source = next(remaining, done)
                 if source is done:
                     return
-                pending.append(pool.submit(_prepare, source, size, pad, self._budget))  # type: ignore[arg-type]
+                pending.append(pool.submit(_prepare, source, size, pad, self._budget, self._rules, long_side))  # type: ignore[arg-type]
 
         try:
             top_up()
@@ -418,7 +549,7 @@ class Cascade:
         decoded = decode_yolo(outputs[self._raw_name], info.conf_threshold, info.iou_threshold, info.max_det)
         found: dict[int, tuple[Detection, ...]] = {}
         for i, (_, placement), dets in zip(gated, placed, decoded, strict=True):
-            boxes = placement.boxes_to_source(dets.boxes)
+            boxes = ok[i].boxes_to_original(placement.boxes_to_source(dets.boxes))
             found[i] = tuple(
                 Detection(int(c), info.class_names[c], float(s), tuple(float(v) for v in box))  # type: ignore[arg-type]
                 for box, s, c in zip(boxes, dets.scores, dets.class_ids, strict=True)
@@ -432,17 +563,23 @@ class Cascade:
             "precision": self.precision,
             "backend": self.backend,
         }
-        ok = [p for p in items if p.error is None]
+        ok = [p for p in items if p.error is None and p.refusal is None]
         outcome: dict[int, CascadeResult] = {}
         if ok:
             outputs, cls_ms = self._infer_chunks(self._classifier, [p.canvas for p in ok])  # type: ignore[misc]
             probs = outputs[self._prob_name].astype(np.float64)
             cams = outputs[self._cam_name] if self.config.heatmaps else None
+            scores = outputs[self._ood_name].astype(np.float64) if self._ood_name is not None else None
             finite = np.isfinite(probs)
+            learned = (
+                [check_ood(float(s), self._ood_threshold, self.config.ood) for s in scores]
+                if scores is not None
+                else [GuardDecision()] * len(ok)
+            )
             gated = [
                 i
                 for i, prob in enumerate(probs)
-                if finite[i] and (self.config.force_detector or prob >= self.threshold)
+                if finite[i] and not learned[i].refused and (self.config.force_detector or prob >= self.threshold)
             ]
             detections, det_pre_ms, det_ms, post_ms = self._detect(ok, gated)
             for i, item in enumerate(ok):
@@ -457,21 +594,56 @@ class Cascade:
                     postprocess=post_ms / len(gated) if ran else 0.0,
                 )
                 assert item.image is not None
+                score = None if scores is None else float(scores[i])
+                if learned[i].refused:
+                    outcome[id(item)] = CascadeResult(
+                        source=item.source,
+                        status="refused",
+                        refusal=learned[i].refusal,
+                        flags=item.flags,
+                        ood_score=score,
+                        image_size=item.original_size,
+                        latency_ms=latency,
+                        **base,
+                    )
+                    continue
                 outcome[id(item)] = CascadeResult(
                     source=item.source,
                     status="ok",
+                    flags=item.flags + learned[i].flags,
+                    ood_score=score,
                     probability=float(probs[i]),
                     decision=bool(probs[i] >= self.threshold),
                     detector_ran=ran,
                     detections=detections.get(i, ()),
-                    image_size=(int(item.image.shape[0]), int(item.image.shape[1])),
+                    image_size=item.original_size,
+                    decoded_size=(int(item.image.shape[0]), int(item.image.shape[1])),
                     latency_ms=latency,
                     image=item.image,
                     cam=None if cams is None else cams[i],
                     letterbox=item.letterbox,
                     **base,
                 )
-        return [outcome[id(item)] if id(item) in outcome else self._error(item, base) for item in items]
+        return [
+            outcome[id(item)]
+            if id(item) in outcome
+            else self._refused(item, base)
+            if item.refusal
+            else self._error(item, base)
+            for item in items
+        ]
+
+    def _refused(self, item: _Prepared, base: _Stamp) -> CascadeResult:
+        """The result of an input the header or image rules refused (the model never saw it)."""
+        return CascadeResult(
+            source=item.source,
+            status="refused",
+            refusal=item.refusal,
+            flags=item.flags,
+            image_size=item.original_size,
+            latency_ms=StageLatency(read=item.read_ms, preprocess=item.preprocess_ms),
+            **base,
+        )
 
     def _error(self, item: _Prepared, base: _Stamp) -> CascadeResult:
         reason = item.error or (

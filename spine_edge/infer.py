@@ -9,6 +9,14 @@ mistakes its own outputs for inputs)::
     overlays/<relative path>.png   boxes with class and score, for positive images (or any with boxes)
     heatmaps/<relative path>.png   class-activation map over the image, for positive images
 
+With ``--dicom-out DIR`` each ``ok`` DICOM input also gets ``DIR/<its SOP Instance UID>/SR.dcm`` and
+Secondary Captures (:mod:`spine_edge.dicomnet.writer`), written after its record; a failure there is
+logged for that input and the run goes on.
+
+The PNGs show the image as the models saw it: after a reduced-resolution JPEG 2000 decode they are
+smaller than the original (the record's ``decoded_size``), while its boxes and ``image_size`` are
+in original pixels.
+
 ``<relative path>`` is the input's path below the folder with ``.png`` appended (``a/b.dicom`` →
 ``overlays/a/b.dicom.png``), so ``x.png`` and ``x.dcm`` never collide. A name that would pass the
 file system's 255-byte limit is shortened and given a hash of the full name (the record names the
@@ -59,11 +67,15 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from spine_edge.cascade import Cascade, CascadeConfig
+from spine_edge.dicomnet.common import DicomNetError
+from spine_edge.dicomnet.writer import DicomOutputConfig, write_dicom_results
 from spine_edge.errors import SpineEdgeError
+from spine_edge.explain import upsample_cam
 from spine_edge.imageio import scan_folder
 from spine_edge.io_utils import TEMP_PREFIX, TEMP_SUFFIX, is_disk_full, remove_stale_temp_files, write_image_atomic
 from spine_edge.overlay import draw_detections, draw_heatmap
 from spine_edge.results import CascadeResult, DiskFullError, JsonlWriter, latest_by_source, read_jsonl, write_csv
+from spine_edge.support import import_optional
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +113,9 @@ class InferConfig:
         overlays: Write overlay and heatmap PNGs. The class-activation map only feeds the heatmap
             PNGs (results.jsonl does not record it), so without them the run loads the cascade with
             ``heatmaps=False`` whatever ``cascade.heatmaps`` says (:attr:`cascade_to_load`).
+        dicom_out: Also write each ``ok`` DICOM input's results as DICOM here: a TID 1500 SR and
+            Secondary Captures (:func:`spine_edge.dicomnet.writer.write_dicom_results`); None for none.
+            Needs highdicom (``spine-edge[dicom]``), checked before anything runs.
         cascade: Bundle, precision, backend, batch size, read workers... (:class:`CascadeConfig`).
     """
 
@@ -109,6 +124,7 @@ class InferConfig:
     resume: bool = False
     resume_any: bool = False
     overlays: bool = True
+    dicom_out: Path | None = None
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     @property
@@ -138,6 +154,7 @@ class InferReport:
             not among the inputs.
         output_dirs: Earlier runs' output folders found below the input folder, not read as inputs.
         stale_temp_files: Temporary files of a killed run removed from the output folder.
+        dicom_failed: ``ok`` records whose DICOM results (``dicom_out``) could not be written (logged).
     """
 
     out: Path
@@ -154,6 +171,7 @@ class InferReport:
     unreadable_dirs: tuple[tuple[Path, str], ...] = ()
     output_dirs: tuple[Path, ...] = ()
     stale_temp_files: int = 0
+    dicom_failed: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -206,11 +224,14 @@ def write_pictures(result: CascadeResult, relative: Path, out: Path) -> CascadeR
     name = picture_name(relative)
     overlay = heatmap = None
     if result.decision or result.detections:
-        write_image_atomic(out / OVERLAY_DIR / name, draw_detections(result.image, result.detections))
+        write_image_atomic(out / OVERLAY_DIR / name, draw_detections(result.image, result.detections_on_image()))
         overlay = (Path(OVERLAY_DIR) / name).as_posix()
-    cam = result.heatmap_image() if result.decision else None
-    if cam is not None:
-        write_image_atomic(out / HEATMAP_DIR / name, draw_heatmap(result.image, cam))
+    if result.decision and result.cam is not None and result.letterbox is not None:
+        # Bicubic, not linear: a coarse CAM grid (4 x 4 in the cpu profile) would show as facets.
+        cam = upsample_cam(result.cam, result.letterbox)
+        write_image_atomic(
+            out / HEATMAP_DIR / name, draw_heatmap(result.image, cam, detections=result.detections_on_image())
+        )
         heatmap = (Path(HEATMAP_DIR) / name).as_posix()
     return replace(result, overlay=overlay, heatmap=heatmap)
 
@@ -360,7 +381,8 @@ def run_folder(
         Counts and where the outputs are.
 
     Raises:
-        BundleError, BackendError, MissingDependencyError: The models cannot run here.
+        BundleError, BackendError, MissingDependencyError: The models cannot run here (or, with
+            ``dicom_out``, highdicom is not installed).
         OutputBusyError: Another run writes into the output folder.
         ResumeMismatchError: ``resume`` over records of another bundle or precision.
         DiskFullError: The output disk is full (before the run, or during it: finished records kept).
@@ -372,6 +394,8 @@ def run_folder(
         >>> report.failed, report.out
         (0, PosixPath('/data/incoming_results'))
     """
+    if config.dicom_out is not None:  # fail now, naming the extra, not after the models have loaded
+        import_optional("highdicom", "dicom", "Writing results as DICOM SR and Secondary Capture (--dicom-out)")
     folder = config.folder.absolute()
     out = (config.out or default_output_dir(folder)).absolute()
     try:
@@ -413,7 +437,7 @@ def _run_locked(
     }
     todo = [p for p in inputs if str(p) not in finished]
     counts = {"ok": 0, "error": 0, "refused": 0}
-    positive = 0
+    positive = dicom_failed = 0
     with Cascade.from_config(config.cascade_to_load) as cascade:
         if not config.resume_any:
             _check_resume(finished.values(), cascade, jsonl)
@@ -436,12 +460,17 @@ def _run_locked(
                 for count, result in enumerate(cascade.predict_many(todo), 1):
                     if config.overlays:
                         result = _with_pictures(result, Path(result.source).relative_to(base), out)
-                    writer.write(result.to_dict())
+                    record = result.to_dict()
+                    writer.write(record)
+                    if config.dicom_out is not None:
+                        dicom_failed += not _write_dicom(record, result, config.dicom_out, out)
                     if count % cascade.config.batch_size == 0:
                         writer.sync()
                     counts[result.status if result.status in counts else "error"] += 1
                     positive += bool(result.ok and result.decision)
-                    if not result.ok:
+                    if result.refusal is not None:
+                        log.warning("%s: refused (%s): %s", result.source, result.refusal.code, result.refusal.reason)
+                    elif not result.ok:
                         log.warning("%s: %s", result.source, result.error)
                     bar.update(1)
                     if on_result is not None:
@@ -464,7 +493,27 @@ def _run_locked(
         unreadable_dirs=unreadable,
         output_dirs=outputs,
         stale_temp_files=stale,
+        dicom_failed=dicom_failed,
     )
+
+
+def _write_dicom(record: dict[str, Any], result: CascadeResult, dicom_out: Path, out: Path) -> bool:
+    """Write one record's SR and SCs (``--dicom-out``); a failure is this record's warning, never the run's end.
+
+    Returns:
+        False when its DICOM results could not be written (the reason is logged).
+    """
+    try:
+        write_dicom_results(record, DicomOutputConfig(folder=dicom_out, results_root=out), image=result.image)
+    except DicomNetError as exc:
+        log.warning("%s: no DICOM results written: %s", result.source, exc)
+        return False
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(exc.filename or dicom_out, exc) from exc
+        log.warning("%s: no DICOM results written in %s (%s)", result.source, dicom_out, exc.strerror or exc)
+        return False
+    return True
 
 
 def _with_pictures(result: CascadeResult, relative: Path, out: Path) -> CascadeResult:

@@ -35,7 +35,7 @@ from pydicom.errors import InvalidDicomError
 
 from spine_edge.dicom_writer import write_dicom
 from spine_edge.dicomnet.common import DicomNetError, sop_instance_uid
-from spine_edge.dicomnet.sc import build_secondary_capture, overlay_picture
+from spine_edge.dicomnet.sc import build_secondary_capture, heatmap_to_source_grid, overlay_picture
 from spine_edge.dicomnet.sr import build_sr
 from spine_edge.errors import ImageReadError
 from spine_edge.imageio import is_dicom, read_image
@@ -147,7 +147,9 @@ def write_secondary_captures(
         config: Output folder and options (``overlay``, ``heatmap``, ``results_root``).
         image: The windowed uint8 image the cascade saw (``CascadeResult.image``, or the service's
             ``images/`` PNG), for the overlay; None decodes the source again (a JPEG 2000 radiograph
-            costs up to a second or two here).
+            costs up to a second or two here). An image decoded at a reduced resolution is upsampled to
+            the source's pixel grid and the boxes drawn at full size on it: the SC keeps the source's grid
+            and Pixel Spacing, and the fast decode is not paid for twice.
 
     Returns:
         (overlay SC, heatmap SC), each None where not written.
@@ -177,6 +179,9 @@ def write_secondary_captures(
         picture = cv2.imread(str(config.results_root / relative), cv2.IMREAD_COLOR)
         if picture is None:
             raise DicomNetError(f"{config.results_root / relative}: the heatmap picture is missing or unreadable")
+        decoded, size = record.get("decoded_size"), record.get("image_size")
+        if decoded and size and list(decoded) != list(size):  # drawn on a reduced-resolution decode
+            picture = heatmap_to_source_grid(picture, size, decoded)
         heatmap_path = write_dicom(
             target / HEATMAP_NAME, build_secondary_capture(record, source, picture, kind="heatmap")
         )

@@ -53,6 +53,7 @@ def test_infer_options_take_the_config_defaults() -> None:
         "resume": (InferConfig, "resume"),
         "resume_any": (InferConfig, "resume_any"),
         "overlays": (InferConfig, "overlays"),
+        "dicom_out": (InferConfig, "dicom_out"),
         "bundle": (CascadeConfig, "bundle"),
         "precision": (CascadeConfig, "precision"),
         "backend": (CascadeConfig, "backend"),
@@ -62,6 +63,8 @@ def test_infer_options_take_the_config_defaults() -> None:
         "workers": (CascadeConfig, "read_workers"),
         "guard": (CascadeConfig, "guard"),
         "ood": (CascadeConfig, "ood"),
+        "full_resolution": (CascadeConfig, "full_resolution"),
+        "device": (CascadeConfig, "device"),
     }
     assert set(options) - {"help"} == set(fields)
     for name, (cls, field) in fields.items():

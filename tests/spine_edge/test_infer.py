@@ -87,7 +87,7 @@ def _records(out: Path) -> list[dict]:
 def test_mixed_folder_gets_one_record_per_input(bundle: Path, folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = CliRunner().invoke(
-        main, ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(out), "--batch-size", "3"]
+        main, ["-q", "infer", "--no-guard", str(folder), "--bundle", str(bundle), "-o", str(out), "--batch-size", "3"]
     )
     assert result.exit_code == 1, result.output
     assert "5 ok (3 positive), 8 failed" in result.stdout
@@ -117,13 +117,13 @@ def test_mixed_folder_gets_one_record_per_input(bundle: Path, folder: Path, tmp_
 
 
 def test_resume_skips_finished_inputs_and_retries_failed_ones(bundle: Path, folder: Path, tmp_path: Path) -> None:
-    config = InferConfig(folder, out=tmp_path / "out", cascade=CascadeConfig(bundle=bundle, batch_size=2))
+    config = InferConfig(folder, out=tmp_path / "out", cascade=CascadeConfig(bundle=bundle, guard=False, batch_size=2))
     first = run_folder(config, progress=False)
     assert (first.found, first.ok, first.failed, first.positive) == (13, 5, 8, 3)
     before = {r["source"]: r for r in _records(first.out)}
     seen: list[str] = []
     second = run_folder(
-        InferConfig(folder, out=tmp_path / "out", resume=True, cascade=CascadeConfig(bundle=bundle)),
+        InferConfig(folder, out=tmp_path / "out", resume=True, cascade=CascadeConfig(bundle=bundle, guard=False)),
         progress=False,
         on_result=lambda r: seen.append(r.source),
     )
@@ -146,7 +146,7 @@ def test_interrupted_run_keeps_completed_records(bundle: Path, folder: Path, tmp
 
     with pytest.raises(KeyboardInterrupt):
         run_folder(
-            InferConfig(folder, out=out, cascade=CascadeConfig(bundle=bundle, batch_size=3)),
+            InferConfig(folder, out=out, cascade=CascadeConfig(bundle=bundle, guard=False, batch_size=3)),
             progress=False,
             on_result=stop_after_four,
         )
@@ -154,7 +154,9 @@ def test_interrupted_run_keeps_completed_records(bundle: Path, folder: Path, tmp
     assert len(kept) == 4
     with open(out / "results.csv", newline="") as f:
         assert [r["source"] for r in csv.DictReader(f)] == [r["source"] for r in kept]
-    report = run_folder(InferConfig(folder, out=out, resume=True, cascade=CascadeConfig(bundle=bundle)), progress=False)
+    report = run_folder(
+        InferConfig(folder, out=out, resume=True, cascade=CascadeConfig(bundle=bundle, guard=False)), progress=False
+    )
     final = _records(out)
     assert len(final) == len({r["source"] for r in final}) == 13
     assert report.skipped == sum(r["status"] == "ok" for r in kept)
@@ -172,6 +174,7 @@ def test_killed_process_loses_nothing_already_written(bundle: Path, tmp_path: Pa
         "from spine_edge.cli import main; main()",
         "-q",
         "infer",
+        "--no-guard",
         str(folder),
         "--bundle",
         str(bundle),
@@ -205,11 +208,11 @@ def test_killed_process_loses_nothing_already_written(bundle: Path, tmp_path: Pa
 def test_setup_and_usage_errors_have_their_exit_codes(folder: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     missing = runner.invoke(
-        main, ["infer", str(folder), "--bundle", str(tmp_path / "nobundle"), "-o", str(tmp_path / "o")]
+        main, ["infer", "--no-guard", str(folder), "--bundle", str(tmp_path / "nobundle"), "-o", str(tmp_path / "o")]
     )
     assert missing.exit_code == 3
     assert "no manifest.json" in missing.output and "spine-edge export" in missing.output
-    assert runner.invoke(main, ["infer", str(tmp_path / "no-such-folder")]).exit_code == 2
+    assert runner.invoke(main, ["infer", "--no-guard", str(tmp_path / "no-such-folder")]).exit_code == 2
 
 
 def test_all_good_inputs_exit_0_and_outputs_inside_the_folder_are_not_inputs(bundle: Path, tmp_path: Path) -> None:
@@ -218,7 +221,7 @@ def test_all_good_inputs_exit_0_and_outputs_inside_the_folder_are_not_inputs(bun
     cv2.imwrite(str(folder / "a.png"), _bright((80, 120)))
     cv2.imwrite(str(folder / "b.png"), np.zeros((80, 120), np.uint8))
     runner = CliRunner()
-    args = ["-q", "infer", str(folder), "--bundle", str(bundle), "-o", str(folder / "results")]
+    args = ["-q", "infer", "--no-guard", str(folder), "--bundle", str(bundle), "-o", str(folder / "results")]
     first = runner.invoke(main, args)
     second = runner.invoke(main, args)
     assert first.exit_code == second.exit_code == 0, second.output
@@ -231,7 +234,7 @@ def test_no_overlays_and_default_output_folder(bundle: Path, tmp_path: Path) -> 
     folder.mkdir()
     cv2.imwrite(str(folder / "a.png"), _bright((80, 120)))
     seen: list[CascadeResult] = []
-    config = InferConfig(folder, overlays=False, cascade=CascadeConfig(bundle=bundle))
+    config = InferConfig(folder, overlays=False, cascade=CascadeConfig(bundle=bundle, guard=False))
     report = run_folder(config, progress=False, on_result=seen.append)
     assert report.out == default_output_dir(folder) == tmp_path / "scans_results"
     assert report.positive == 1 and not (report.out / "overlays").exists()

@@ -1,0 +1,77 @@
+"""The bench's decode parity step: reduced-resolution against full decode, computed and reported."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+from spine_edge import j2k
+from spine_edge.benchmarks.decode_parity import MIN_BOX_AP, DecodeParity, measure_decode_parity
+from spine_edge.benchmarks.report import _decode_parity_table
+from spine_edge.cascade import CascadeConfig
+from spine_edge.fidelity import compare_classifier
+from tests.spine_edge.bundle_factory import make_bundle
+from tests.spine_edge.dicom_factory import write_test_dicom
+
+pytestmark = pytest.mark.skipif(not j2k.decoder_available(), reason="no libopenjp2 found for spine_edge.j2k")
+
+
+def _plate(rows: int, columns: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    yy, xx = np.mgrid[0:rows, 0:columns]
+    pixels = 900 + 0.4 * xx + 0.3 * yy + 150 * np.sin(xx / 37.0) * np.cos(yy / 29.0)
+    x0, y0, x1, y1 = box
+    pixels[y0:y1, x0:x1] = 4095
+    return np.clip(pixels, 0, 4095).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory: pytest.TempPathFactory) -> DecodeParity:
+    bundle = make_bundle(tmp_path_factory.mktemp("bundle"), classifier_size=64, detector_size=384)
+    folder = tmp_path_factory.mktemp("split")
+    paths = [
+        write_test_dicom(folder / "a.dcm", _plate(1400, 1100, (180, 330, 580, 720)), window=(2048, 4096),
+                         transfer_syntax="jpeg2000-lossless"),
+        write_test_dicom(folder / "b.dcm", _plate(1100, 1400, (700, 100, 1100, 500)), window=(2048, 4096),
+                         transfer_syntax="jpeg2000-lossless"),
+        folder / "c.png",  # PNG: no resolution levels, decoded at full size both ways
+        folder / "missing.dcm",  # unreadable by both passes: left out and counted
+    ]  # fmt: skip
+    cv2.imwrite(str(paths[2]), (_plate(500, 400, (100, 100, 300, 300)) >> 4).astype(np.uint8))
+    settings = CascadeConfig(bundle=bundle, precision="fp32", backend="onnxruntime", provider="cpu", threads=1)
+    calls: list[int] = []
+    result = measure_decode_parity(settings, paths, calls.append)
+    assert len(calls) == 2 * len(paths)  # one progress step per image and pass
+    return result
+
+
+def test_reduced_decode_agrees_with_the_full_decode(parity: DecodeParity) -> None:
+    assert (parity.images, parity.failed, parity.long_side) == (3, 1, 384)
+    assert parity.reduced_images == 2 and parity.factors == {2: 2, 1: 1}  # both JPEG 2000 files at level 1
+    assert parity.full.decoded_sizes == ((1400, 1100), (1100, 1400), (500, 400))
+    assert parity.reduced.decoded_sizes == ((700, 550), (550, 700), (500, 400))
+    assert parity.classifier.flips == 0 and parity.classifier.max_abs_dprob < 1e-2
+    assert parity.detection.ref_boxes > 0 and parity.detection.ap >= MIN_BOX_AP
+    assert parity.meets_targets
+    record = parity.to_dict()
+    assert record["gate_flips"] == 0 and record["meets_targets"] is True and record["factors"] == {"1": 1, "2": 2}
+    assert record["read_ms_full"] > 0 and record["read_ms_reduced"] > 0
+    notes = parity.notes()
+    assert notes[0].startswith("decode parity: 2 of 3 images decoded below full size for a 384 px long side")
+    assert any("1 image(s) could not be read" in n for n in notes) and not any("MISSED" in n for n in notes)
+
+
+def test_a_gate_flip_misses_the_targets_and_says_so(parity: DecodeParity) -> None:
+    probs = parity.full.probs
+    flipped = replace(parity, classifier=compare_classifier(probs, 1 - probs, parity.classifier.threshold))
+    assert not flipped.meets_targets and flipped.to_dict()["meets_targets"] is False
+    assert any("MISSED its targets" in n for n in flipped.notes())
+
+
+def test_report_renders_the_parity_row(parity: DecodeParity) -> None:
+    table = "\n".join(_decode_parity_table(SimpleNamespace(data={"decode_parity": parity.to_dict()})))  # type: ignore[arg-type]
+    assert "Box AP vs full" in table and "| 2 / 3 | 384 |" in table and "| pass |" in table
+    assert _decode_parity_table(SimpleNamespace(data={})) == []  # type: ignore[arg-type]

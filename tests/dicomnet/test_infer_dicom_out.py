@@ -1,0 +1,120 @@
+"""``spine-edge infer --dicom-out``: an SR and Secondary Captures next to the JSON results, per DICOM input.
+
+The radiograph is the DICOM service tests' one (240 x 200 JPEG 2000, 0.5 mm pixels, so the input
+guard accepts it). The tiny bundle's 64 px models make the cascade decode it at level 1 (120 x 100),
+so the SCs also prove that a reduced decode still gives pictures on the source's pixel grid, with the
+boxes where the SR puts them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from click.testing import CliRunner
+
+from spine_edge.cli import main
+from spine_edge.dicom_writer import DicomUIDs, build_radiograph_dataset, write_dicom
+from spine_edge.dicomnet.sr import read_sr_findings
+from spine_edge.dicomnet.writer import HEATMAP_NAME, OVERLAY_NAME, SR_NAME
+from spine_edge.imageio import read_image
+from tests.service.conftest import bright, write_bright_png
+from tests.spine_edge.bundle_factory import make_bundle
+
+MODEL = ["--precision", "fp32", "--backend", "onnxruntime", "--provider", "cpu"]
+STUDY = "1.2.826.0.1.3680043.8.498.710"
+UID = STUDY + ".1.1"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+def _radiograph(path: Path) -> Path:
+    """As ``tests/dicomnet/test_serve_dicom.py`` makes it: a DX the tiny bundle calls abnormal."""
+    dataset = build_radiograph_dataset(
+        bright((240, 200), np.uint16, 100, 4000),
+        window=(2048, 4096),
+        transfer_syntax="jpeg2000-lossless",
+        pixel_spacing=(0.5, 0.5),
+        uids=DicomUIDs(UID, STUDY, STUDY + ".1"),
+        tags={"Modality": "DX", "PatientID": "P-9", "PatientName": "Doe^Dana", "StudyDate": "20260103"},
+    )
+    return write_dicom(path, dataset)
+
+
+def _infer(folder: Path, out: Path, bundle: Path, dicom_out: Path) -> object:
+    return CliRunner().invoke(
+        main,
+        ["-q", "infer", str(folder), "--bundle", str(bundle), *MODEL, "-o", str(out), "--dicom-out", str(dicom_out)],
+    )
+
+
+def test_a_dicom_input_gets_an_sr_and_scs_and_a_png_none(bundle: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _radiograph(folder / "a.dcm")
+    write_bright_png(folder / "b.png")
+    out, dicom_out = tmp_path / "out", tmp_path / "out" / "dicom"
+    result = _infer(folder, out, bundle, dicom_out)
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    records = {Path(r["source"]).name: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert records["a.dcm"]["status"] == records["b.png"]["status"] == "ok"
+    dicom = records["a.dcm"]
+    assert dicom["decision"] is True and dicom["detections"]
+    assert dicom["image_size"] == [240, 200] and dicom["decoded_size"] == [120, 100]  # decoded at level 1
+    assert sorted(p.name for p in dicom_out.iterdir()) == [UID]  # the PNG has no study to file an SR under
+    assert sorted(p.name for p in (dicom_out / UID).iterdir()) == sorted([SR_NAME, OVERLAY_NAME, HEATMAP_NAME])
+    findings = read_sr_findings(pydicom.dcmread(dicom_out / UID / SR_NAME)).findings
+    assert [list(f.box) for f in findings] == [pytest.approx(d["box"]) for d in dicom["detections"]]
+    overlay = pydicom.dcmread(dicom_out / UID / OVERLAY_NAME)
+    heatmap = pydicom.dcmread(dicom_out / UID / HEATMAP_NAME)
+    assert (overlay.Rows, overlay.Columns) == (240, 200)  # the source's grid, not the 120 x 100 decode
+    assert heatmap.Rows == 240 and heatmap.Columns > 200  # plus its colour bar
+    # The box is drawn at full size where the SR puts it: its edge pixels carry the class colour.
+    x1, y1, x2, _ = (round(v) for v in dicom["detections"][0]["box"])
+    pixels = overlay.pixel_array
+    row = pixels[min(max(y1, 0), 239) + 1]
+    assert not np.array_equal(row[x1], row[x1 - 3] if x1 >= 3 else row[x2 + 3])
+    # The upsampled image lies on the source's grid: the bright block (rows 0-119, columns 100-149) stays put.
+    full = read_image(folder / "a.dcm").image
+    for y, x in ((90, 125), (200, 50), (200, 180), (90, 60)):
+        assert abs(int(pixels[y, x, 0]) - int(full[y, x])) <= 2, (y, x)
+
+
+def test_a_missing_dicom_extra_fails_at_start(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _radiograph(folder / "a.dcm")
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # as if not installed: its import raises ImportError
+    result = _infer(folder, tmp_path / "out", bundle, tmp_path / "dicom")
+    assert result.exit_code == 3, result.output  # type: ignore[attr-defined]
+    assert "spine-edge[dicom]" in result.output  # type: ignore[attr-defined]
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_a_record_whose_dicom_results_fail_is_logged_and_the_run_goes_on(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import spine_edge.infer
+    from spine_edge.dicomnet.common import DicomNetError
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise DicomNetError("the source does not match the record")
+
+    monkeypatch.setattr(spine_edge.infer, "write_dicom_results", broken)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _radiograph(folder / "a.dcm")
+    _radiograph(folder / "b.dcm")
+    out = tmp_path / "out"
+    result = _infer(folder, out, bundle, tmp_path / "dicom")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert "DICOM results of 2 input(s) could not be written" in result.output  # type: ignore[attr-defined]
+    assert caplog.text.count("no DICOM results written: the source does not match the record") == 2
