@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from spine_edge.backends import GraphTarget, select_model
 from spine_edge.backends.onnxruntime import ProviderChoice
@@ -24,7 +25,7 @@ from spine_edge.cascade import CascadeConfig
 from spine_edge.errors import BundleError
 
 #: The precision every other is compared with.
-REFERENCE = "fp32"
+REFERENCE: Final = "fp32"
 #: Precisions a bundle may hold, in report order.
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 #: Label of the TensorRT INT8 Q/DQ graphs when bench also evaluates them on ONNX Runtime (export's variant name).

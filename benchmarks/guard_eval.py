@@ -68,14 +68,16 @@ def colour_photo(rng: np.random.Generator, shape: tuple[int, int] = (480, 640)) 
     h, w = shape
     background = np.stack([_smooth_field(shape, rng, 3.0) for _ in range(3)], axis=2)
     hue = rng.uniform(0, 180)
-    base = np.array(cv2.cvtColor(np.uint8([[[hue, 140, 200]]]), cv2.COLOR_HSV2BGR)[0, 0], np.float64) / 255
+    base = np.array(cv2.cvtColor(np.array([[[hue, 140, 200]]], np.uint8), cv2.COLOR_HSV2BGR)[0, 0], np.float64) / 255
     image = 0.35 * background + 0.65 * base
     yy, xx = np.mgrid[0:h, 0:w]
     cy, cx = rng.uniform(0.35, 0.65) * h, rng.uniform(0.35, 0.65) * w
     ry, rx = rng.uniform(0.2, 0.35) * h, rng.uniform(0.2, 0.35) * w
     body = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
     fur = _smooth_field(shape, rng, 1.2)
-    subject = np.array(cv2.cvtColor(np.uint8([[[(hue + 90) % 180, 180, 230]]]), cv2.COLOR_HSV2BGR)[0, 0]) / 255
+    subject = (
+        np.array(cv2.cvtColor(np.array([[[(hue + 90) % 180, 180, 230]]], np.uint8), cv2.COLOR_HSV2BGR)[0, 0]) / 255
+    )
     light = np.clip(1.1 - 0.6 * (yy - cy + ry) / (2 * ry), 0.4, 1.1)[..., None]
     image[body] = (subject * light * (0.6 + 0.4 * fur[..., None]))[body]
     return np.clip(image * 255, 0, 255).astype(np.uint8)

@@ -42,11 +42,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from spine_edge.backends import create_backend, select_model
+from spine_edge.backends import BackendChoice, PrecisionChoice, create_backend, select_model
 from spine_edge.backends.onnxruntime import available_cores
 from spine_edge.benchmarks.accuracy import (
     PrecisionAccuracy,
@@ -183,11 +183,12 @@ def _run_accuracy(config: BenchConfig, manifest: Manifest, plan: BenchPlan, trut
     try:
         for label, backend, provider in plan.accuracy:
             precision, graph_target = accuracy_cascade(label)
+            # The plan's labels and backends come from select_model over this bundle: valid choices.
             settings = replace(
                 config.cascade,
-                precision=precision,
-                backend=backend,
-                provider=provider,  # type: ignore[arg-type]
+                precision=cast(PrecisionChoice, precision),
+                backend=cast(BackendChoice, backend),
+                provider=provider,
                 batch_size=batch,
                 force_detector=True,
                 heatmaps=False,
@@ -475,7 +476,7 @@ def run_bench(config: BenchConfig) -> BenchReport:
             }
             with _timed(phases, "guard"):
                 guard = evaluate_guard(
-                    replace(config.cascade, backend=plan.backend), acc.truth,
+                    replace(config.cascade, backend=cast(BackendChoice, plan.backend)), acc.truth,
                     [label for label, _, _ in plan.accuracy if label in PRECISIONS], Path(tmp) / "non_radiographs",
                     REFERENCE,
                 )  # fmt: skip
@@ -488,7 +489,9 @@ def run_bench(config: BenchConfig) -> BenchReport:
                 ) as bar,
             ):
                 parity = measure_decode_parity(
-                    replace(config.cascade, precision=REFERENCE, backend=plan.backend), acc.truth.paths, bar.update
+                    replace(config.cascade, precision=REFERENCE, backend=cast(BackendChoice, plan.backend)),
+                    acc.truth.paths,
+                    bar.update,
                 )
             data_info["decode_parity"] = parity.to_dict()
             notes += parity.notes()

@@ -84,17 +84,18 @@ def trace_to_onnx(
     import onnx
     import onnxslim
     import torch
+    from torch.jit._trace import TracerWarning  # where it is defined: torch.jit does not re-export it to mypy
 
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         # The legacy exporter is chosen on purpose (see above), and the tracer's notes on Python
         # bools concern spatial sizes, which are fixed in these graphs (only the batch is dynamic).
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=TracerWarning)
         torch.onnx.export(
             module,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the stubs say str | PathLike, but a BytesIO is supported
             dynamo=False,
             opset_version=OPSET,
             input_names=list(input_names),

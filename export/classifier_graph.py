@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ import torch
 from spine_edge.errors import SpineEdgeError
 from spine_edge.export.bundle_writer import trace_to_onnx
 from spine_edge.export.ood import DEFAULT_PERCENTILE, OodThreshold, choose_threshold, fit_ood
+
+if TYPE_CHECKING:
+    from spine_edge.training.models import DERNetEnsemble
 
 INPUT_NAME = "image"
 PROB_NAME = "prob"
@@ -144,6 +147,8 @@ def member_scope(index: int) -> str:
 
 def pooled_features(ensemble: torch.nn.Module, images: np.ndarray, batch_size: int = 16) -> list[np.ndarray]:
     """Each member's pooled identity-view features ``[N, C_m]`` of uint8 ``[N, 1, S, S]`` canvases."""
+    # A DERNetEnsemble (torch's stubs type its members/methods on nn.Module as Tensor | Module).
+    ensemble = cast("DERNetEnsemble", ensemble)
     parts: list[list[np.ndarray]] = [[] for _ in ensemble.members]
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
@@ -172,7 +177,10 @@ def attach_ood(
     """
     train_features = pooled_features(ensemble, train_images)
     model = fit_ood(train_features)
-    ensemble.set_ood([fit.mean for fit in model.members], [fit.whitening for fit in model.members])
+    # A DERNetEnsemble (torch's stubs type set_ood on nn.Module as Tensor | Module).
+    cast("DERNetEnsemble", ensemble).set_ood(
+        [fit.mean for fit in model.members], [fit.whitening for fit in model.members]
+    )
     return choose_threshold(model.score(pooled_features(ensemble, val_images)), model.score(train_features), percentile)
 
 

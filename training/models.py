@@ -20,25 +20,27 @@ and the heatmap needs no backward pass inside the engine.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d
+from timm.data.config import resolve_model_data_config
+from timm.layers.adaptive_avgmax_pool import SelectAdaptivePool2d
 from torch import nn
 
 from spine_edge.errors import SpineEdgeError
-from spine_edge.tta import DEFAULT_VIEWS, TTAView, views_by_name
 from spine_edge.training.checkpoints import (
     CheckpointError,
     ClassifierCheckpoint,
     ClassifierMeta,
     load_classifier_checkpoint,
 )
+from spine_edge.tta import DEFAULT_VIEWS, TTAView, views_by_name
 
 #: Floor of the per-image CAM maximum, so an all-zero map stays zero instead of dividing by zero. A
 #: normal FP16 number (>= 6.1e-5), so an FP16 engine that flushes subnormals still divides by it.
@@ -74,7 +76,7 @@ def resolve_data_config(model: nn.Module, input_size: int) -> DataConfig:
         >>> resolve_data_config(build_backbone("tf_efficientnetv2_b0"), 128).mean
         (0.485, 0.456, 0.406)
     """
-    cfg = timm.data.resolve_model_data_config(model)
+    cfg = resolve_model_data_config(model)
     return DataConfig(
         input_size=int(input_size),
         mean=tuple(float(v) for v in cfg["mean"]),  # type: ignore[arg-type]
@@ -91,7 +93,8 @@ def check_gap_linear_head(model: nn.Module, arch: str) -> nn.Linear:
             norm as in ConvNeXt, max pooling), so the in-graph CAM would not be Grad-CAM.
     """
     pool = getattr(model, "global_pool", None)
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    # get_classifier is timm's, not nn.Module's: torch's stubs type unknown attributes as Tensor | Module.
+    head = cast(Callable[[], nn.Module], model.get_classifier)() if hasattr(model, "get_classifier") else None
     # MobileNetV3-style heads pool without flattening and run a conv on the pooled vector, so the
     # Flatten and the width check below reject them; ConvNeXt-style heads have no top-level pool.
     ok = (
@@ -159,7 +162,8 @@ def load_pretrained_weights(model: nn.Module, arch: str, path: Path) -> None:
         raise CheckpointError(
             f"{path}: cannot read as a state dict ({exc}); pass a .pth/.pt/.safetensors weights file"
         ) from exc
-    head_name = model.pretrained_cfg.get("classifier", "")
+    # timm models carry their pretrained config as a dict (torch's stubs see Tensor | Module).
+    head_name = cast(dict[str, Any], model.pretrained_cfg).get("classifier", "")
     prefixes = tuple(f"{name}." for name in ([head_name] if isinstance(head_name, str) else head_name) if name)
     kept = {k: v for k, v in state.items() if not k.startswith(prefixes)}
     try:
@@ -209,7 +213,8 @@ def zero_head(model: nn.Module) -> nn.Module:
     them from U(-1, 1): the cpu profile's EfficientNets then started at training losses of 1.3-2.6
     and were still unstable after six epochs. Zero is the neutral start for every member.
     """
-    head = model.get_classifier()
+    # timm's get_classifier (unknown to torch's stubs); build_backbone checked that it is a Linear.
+    head = cast(Callable[[], nn.Linear], model.get_classifier)()
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return model
@@ -226,6 +231,10 @@ class GrayToModelInput(nn.Module):
     Split in two steps because the TTA warps act between them, on the [0, 1] image whose zero
     padding matches the letterbox's black border.
     """
+
+    # Buffers registered in __init__, declared for the type checker (nn.Module.__getattr__ is Tensor | Module).
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -289,6 +298,9 @@ class TTAClassifier(nn.Module):
         (torch.Size([2]), torch.Size([2, 4, 4]))
     """
 
+    # Buffer registered in __init__, declared for the type checker (nn.Module.__getattr__ is Tensor | Module).
+    grids: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data_cfg: DataConfig, views: Sequence[TTAView] = DEFAULT_VIEWS) -> None:
         super().__init__()
         identity = [i for i, view in enumerate(views) if _is_identity(view)]
@@ -330,7 +342,9 @@ class TTAClassifier(nn.Module):
             else:
                 batches.append(unit)
         views = len(batches)
-        features = self.backbone.forward_features(self.to_input.normalise(torch.cat(batches, dim=0)))
+        # forward_features is timm's, not nn.Module's (torch's stubs see Tensor | Module).
+        forward_features = cast(Callable[[torch.Tensor], torch.Tensor], self.backbone.forward_features)
+        features = forward_features(self.to_input.normalise(torch.cat(batches, dim=0)))
         pooled = features.mean(dim=(2, 3))
         logits = self.head(pooled).view(views, n)
         prob = torch.sigmoid(logits).mean(dim=0)
@@ -406,7 +420,8 @@ class DERNetEnsemble(nn.Module):
         width = max(cam.shape[2] for _, cam, _ in outputs)
         prob = sum(w * p for w, (p, _, _) in zip(self.weights, outputs))
         cam = sum(w * _resize_cam(c, height, width) for w, (_, c, _) in zip(self.weights, outputs))
-        return prob, normalise_cam(cam), [pooled for _, _, pooled in outputs]
+        # sum() starts from int 0, but there is at least one member (see __init__), so cam is a Tensor.
+        return prob, normalise_cam(cast(torch.Tensor, cam)), [pooled for _, _, pooled in outputs]
 
 
 def _resize_cam(cam: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -62,7 +62,11 @@ class _Group(click.Group):
     the finished results are); everything else ends here with one line instead of a traceback.
     """
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> None:
+    # click overloads main() on standalone_mode; this one always runs click non-standalone and exits
+    # itself, so it has the one signature.
+    def main(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any
+    ) -> None:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _raise_terminated)
         extra.pop("standalone_mode", None)
