@@ -10,7 +10,7 @@ if [ ! -x "$ENV/bin/python" ]; then
   echo "[runtime-env] creating $ENV with $($PY --version)"
   "$PY" -m venv "$ENV"
 fi
-"$ENV/bin/pip" install -q --disable-pip-version-check -e '.[cpu,bench,test,serve,dicom]' 2>&1 | grep -v '^WARNING: Location' || true
+"$ENV/bin/pip" install -q --disable-pip-version-check -e '.[cpu,bench,test,serve,dicom,explain,openvino]' 2>&1 | grep -v '^WARNING: Location' || true
 if "$ENV/bin/python" -c "import torch" >/dev/null 2>&1 || "$ENV/bin/python" -c "import ultralytics" >/dev/null 2>&1; then
   echo "[runtime-env] torch or ultralytics is installed in $ENV: the runtime extras must not pull them in" >&2
   exit 1

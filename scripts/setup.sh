@@ -14,6 +14,6 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "[setup] installing torch 2.14.1 + torchvision 0.29.1 (a few minutes the first time)"
   .venv/bin/pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v '^WARNING: Location' || true
 fi
-echo "[setup] installing spine-edge[train,dev,serve,dicom] (editable)"
-.venv/bin/pip install -q --disable-pip-version-check -e '.[train,dev,serve,dicom]' 2>&1 | grep -v '^WARNING: Location' || true
+echo "[setup] installing spine-edge[train,dev,serve,dicom,explain,openvino] (editable)"
+.venv/bin/pip install -q --disable-pip-version-check -e '.[train,dev,serve,dicom,explain,openvino]' 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c "import spine_edge, torch, ultralytics, onnxruntime; print('[setup] ok: spine-edge', spine_edge.__version__, '| torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"
