@@ -12,7 +12,7 @@ SCALE=${SCALE:-0.35}
 start=$(date +%s)
 stage() { printf '\n\033[1m==> [%4ss] %s\033[0m\n' "$(( $(date +%s) - start ))" "$*"; }
 
-stage "setup (.venv, spine-edge[train,dev])"
+stage "setup (.venv, spine-edge[train,dev,serve,dicom,explain,openvino])"
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
