@@ -237,7 +237,7 @@ def train_classifier(
     workers = (0 if device.type == "cpu" else min(8, cores)) if workers is None else workers
 
     torch.manual_seed(seed)
-    model = zero_head(build_backbone(recipe.arch, pretrained=pretrained)).to(device)
+    model = zero_head(build_backbone(recipe.arch, pretrained=pretrained, output_stride=recipe.output_stride)).to(device)
     data_cfg = resolve_data_config(model, recipe.input_size)
     to_input = GrayToModelInput(data_cfg.mean, data_cfg.std).to(device)
     parts = build_training_components(model, recipe)

@@ -112,7 +112,7 @@ def check_gap_linear_head(model: nn.Module, arch: str) -> nn.Linear:
     return head  # type: ignore[return-value]
 
 
-def build_backbone(arch: str, *, pretrained: Path | None = None) -> nn.Module:
+def build_backbone(arch: str, *, pretrained: Path | None = None, output_stride: int = 32) -> nn.Module:
     """A timm classifier with one logit, built without downloading anything.
 
     Args:
@@ -120,13 +120,16 @@ def build_backbone(arch: str, *, pretrained: Path | None = None) -> nn.Module:
         pretrained: Optional local ImageNet weights (a state-dict file: ``.pth``, ``.pt``, ``.bin``
             or ``.safetensors``); the 1000-class head is dropped and the one-logit head keeps timm's
             initialisation.
+        output_stride: Feature-map stride, 32 (as published) or 16/8 (later stages dilated, a
+            larger class-activation map; the weights are the same tensors).
 
     Returns:
         The model in train mode, ``in_chans=3`` (the gray image is replicated, so ImageNet
         weights load unchanged).
 
     Raises:
-        ArchitectureError: Unknown arch, or a head that is not GAP + linear.
+        ArchitectureError: Unknown arch, a head that is not GAP + linear, or an ``output_stride``
+            the arch does not offer.
         CheckpointError: The weights file is unreadable or does not fit the arch.
 
     Example:
@@ -138,7 +141,16 @@ def build_backbone(arch: str, *, pretrained: Path | None = None) -> nn.Module:
         raise ArchitectureError(
             f"{arch!r} is not a timm model name: check the profile or --arch (timm {timm.__version__})"
         )
-    model = timm.create_model(arch, pretrained=False, num_classes=1, in_chans=3)
+    if output_stride not in (8, 16, 32):
+        raise ArchitectureError(f"output_stride {output_stride} for {arch!r}: use 32, 16 or 8")
+    # Only passed when it differs from 32: some archs (DenseNet) do not take the argument at all.
+    options = {} if output_stride == 32 else {"output_stride": output_stride}
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=1, in_chans=3, **options)
+    except TypeError as exc:
+        raise ArchitectureError(
+            f"timm {arch!r} does not offer output_stride={output_stride} ({exc}): set output_stride 32 for it in the profile"
+        ) from exc
     check_gap_linear_head(model, arch)
     if pretrained is not None:
         load_pretrained_weights(model, arch, pretrained)
@@ -441,7 +453,7 @@ def backbone_from_checkpoint(checkpoint: ClassifierCheckpoint) -> nn.Module:
     Raises:
         CheckpointError: The weights do not fit the recorded arch.
     """
-    model = build_backbone(checkpoint.meta.arch)
+    model = build_backbone(checkpoint.meta.arch, output_stride=int(checkpoint.meta.recipe.get("output_stride", 32)))
     try:
         model.load_state_dict(checkpoint.state_dict)
     except RuntimeError as exc:

@@ -215,3 +215,45 @@ def test_a_zeroed_head_starts_training_at_probability_one_half(arch: str) -> Non
     with torch.no_grad():
         prob, _ = TTAClassifier(zero_head(backbone), resolve_data_config(backbone, 64))(_images(2, 64))
     assert torch.equal(prob, torch.full((2,), 0.5))
+
+
+def test_output_stride_16_doubles_the_cam_grid_with_the_same_weights() -> None:
+    plain, dilated = build_backbone("test_resnet").eval(), build_backbone("test_resnet", output_stride=16).eval()
+    assert plain.state_dict().keys() == dilated.state_dict().keys()
+    x = torch.zeros(1, 3, 64, 64)
+    with torch.no_grad():
+        assert plain.forward_features(x).shape[-2:] == (2, 2)
+        assert dilated.forward_features(x).shape[-2:] == (4, 4)
+
+
+def test_an_output_stride_the_arch_lacks_is_a_clear_error() -> None:
+    with pytest.raises(ArchitectureError, match="output_stride=16.*set output_stride 32"):
+        build_backbone("densenet121", output_stride=16)
+    with pytest.raises(ArchitectureError, match="use 32, 16 or 8"):
+        build_backbone("test_resnet", output_stride=12)
+
+
+def test_a_checkpoint_rebuilds_with_the_stride_it_was_trained_with(tmp_path: Path) -> None:
+    from spine_edge.training.checkpoints import ClassifierMeta, load_classifier_checkpoint, save_classifier_checkpoint
+    from spine_edge.training.models import backbone_from_checkpoint
+    from spine_edge.training.profiles import ClassifierRecipe
+
+    recipe = ClassifierRecipe("test_resnet", input_size=64, batch_size=2, epochs=1, output_stride=16)
+    model = build_backbone("test_resnet", output_stride=16)
+    meta = ClassifierMeta(
+        arch="test_resnet",
+        input_size=64,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        interpolation="bilinear",
+        in_chans=3,
+        recipe=recipe.to_dict(),
+        data_fingerprint="x",
+        val_metrics={},
+        tta_views=("identity",),
+        epoch=1,
+    )
+    path = save_classifier_checkpoint(tmp_path / "classifier_test_resnet.pt", model.state_dict(), meta)
+    rebuilt = backbone_from_checkpoint(load_classifier_checkpoint(path))
+    with torch.no_grad():
+        assert rebuilt.forward_features(torch.zeros(1, 3, 64, 64)).shape[-2:] == (4, 4)
