@@ -654,6 +654,7 @@ def quantize_graphs(
     import onnx
 
     from spine_edge.export import precision as prec
+    from spine_edge.export.bundle_writer import write_onnx
 
     pads = {"classifier": CLASSIFIER_PAD_VALUE, "detector": DETECTOR_PAD_VALUE}
     record: dict[str, Any] = {}
@@ -665,7 +666,9 @@ def quantize_graphs(
         start = time.perf_counter()
         for variant, target in INT8_VARIANTS.items():
             _say(progress, f"quantising the {role} for {target}")
-            prec.quantize_graph(fp32, out / GRAPH_FILES[variant].format(role=role), calibration, target, body)
+            path = prec.quantize_graph(fp32, out / GRAPH_FILES[variant].format(role=role), calibration, target, body)
+            if target == "tensorrt":  # what export writes for TensorRT: the same Q/DQ with an FP16 body
+                write_onnx(prec.int8_fp16_body(onnx.load(str(path))), path)
             gc.collect()
         record[role] = {"calibration": calibration.to_dict(), "quantize_s": round(time.perf_counter() - start, 1)}
     return record

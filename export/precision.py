@@ -49,6 +49,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from spine_edge.bundle import CalibrationMethod as CalibrationMethodName
 from spine_edge.errors import DatasetError
 from spine_edge.export.bundle_writer import write_onnx
 from spine_edge.preprocess import letterbox
@@ -322,7 +323,6 @@ def quiet_onnxruntime() -> Iterator[None]:
 
 
 QuantTarget = Literal["tensorrt", "onnxruntime"]
-CalibrationMethodName = Literal["minmax", "percentile"]
 
 
 class CalibrationImages:
@@ -767,3 +767,91 @@ def keep_float(qdq: onnx.ModelProto, fp32: onnx.ModelProto, names: Iterable[str]
     del graph.initializer[:]
     graph.initializer.extend(kept_inits)
     return model
+
+
+# ------------------------------------------------------------------ INT8 with an FP16 body (TensorRT)
+
+#: The first opset whose QuantizeLinear/DequantizeLinear take float16 scales (and so compute in FP16).
+QDQ_FP16_OPSET = 19
+#: The smallest normal float16: a scale below it would lose its precision (or flush to 0) in float16.
+_FP16_TINY = float(np.finfo(np.float16).tiny)
+
+
+def _fp16_scale(scale: np.ndarray) -> np.ndarray:
+    """Float16-representable scales (as float32), never below the smallest normal float16."""
+    return np.maximum(scale.astype(np.float32), _FP16_TINY).astype(np.float16).astype(np.float32)
+
+
+def int8_fp16_body(qdq: onnx.ModelProto) -> onnx.ModelProto:
+    """The TensorRT INT8 graph with an FP16 body: the same Q/DQ layers, everything between them in FP16.
+
+    TensorRT builds explicitly quantised graphs strongly typed: every tensor keeps its ONNX type, so
+    a Q/DQ graph quantised from the FP32 graph runs all its unquantised ops (residual adds,
+    activations, layers the search kept in float, the DequantizeLinear outputs convolutions read)
+    in FP32 on the GPU. This rewrite is what NVIDIA ModelOpt's ONNX quantiser does with an FP16
+    high-precision type, without its dependencies: the graph moves to opset
+    :data:`QDQ_FP16_OPSET` (Q/DQ take float16 scales from there on), and the convolutional body of
+    :func:`fp16_body`, extended by the Q/DQ nodes that only feed it (weights, the first
+    convolution's input), computes in float16; preprocessing and the tail stay FP32, the
+    interface is unchanged.
+
+    Scales are rounded to float16 (and raised to the smallest normal float16, 6.1e-5, where one
+    was below it); weights are re-quantised with their rounded scale, so the stored int8 weight
+    times its float16 scale stays the nearest grid point to the FP32 graph's weight (for normal
+    scales the int8 values do not move: the rounding changes a scale by at most 2^-11 relative).
+
+    Args:
+        qdq: A symmetric Q/DQ graph (``tensorrt`` target) with an FP32 body.
+
+    Returns:
+        The mixed-precision graph (checked when written).
+    """
+    from onnx import version_converter
+
+    opset = next(o.version for o in qdq.opset_import if o.domain in ("", "ai.onnx"))
+    model = onnx.ModelProto()
+    model.CopyFrom(version_converter.convert_version(qdq, QDQ_FP16_OPSET) if opset < QDQ_FP16_OPSET else qdq)
+    graph = model.graph
+    body = fp16_body(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def feeds_body_only(node: onnx.NodeProto) -> bool:
+        readers = [r for out in node.output for r in consumers.get(out, [])]
+        return bool(readers) and all(r.name in body for r in readers)
+
+    for op_type in ("DequantizeLinear", "QuantizeLinear"):  # DQs first: a Q joins when its DQs did
+        body |= {n.name for n in graph.node if n.op_type == op_type and feeds_body_only(n)}
+
+    initializers = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.name not in body or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        scale_name = node.input[1]
+        if scale_name not in initializers:
+            continue
+        scale = numpy_helper.to_array(initializers[scale_name])
+        rounded = _fp16_scale(scale)
+        source = initializers.get(node.input[0])
+        if node.op_type == "DequantizeLinear" and source is not None and source.data_type == TensorProto.INT8:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            q = numpy_helper.to_array(source).astype(np.float32)
+            shape = [1] * q.ndim
+            if scale.ndim == 1 and scale.size > 1:
+                shape[axis] = scale.size
+            weight = q * scale.reshape(shape)
+            requantised = np.clip(np.rint(weight / rounded.reshape(shape)), -127, 127).astype(np.int8)
+            source.CopyFrom(numpy_helper.from_array(requantised, source.name))
+        initializers[scale_name].CopyFrom(numpy_helper.from_array(rounded.astype(np.float32), scale_name))
+    return convert_to_fp16(model, body)
+
+
+def fp16_share(model: onnx.ModelProto) -> float:
+    """The share of a graph's convolutions (and matmuls) that compute in float16 (read FP16 inputs)."""
+    types = _tensor_types(model)
+    weighted = [n for n in model.graph.node if n.op_type in _WEIGHTED_OPS]
+    if not weighted:
+        return 0.0
+    return sum(types.get(n.input[0]) == _HALF for n in weighted) / len(weighted)

@@ -20,7 +20,7 @@ from spine_edge.bundle import ModelEntry
 from spine_edge.constants import CLASSIFIER_PAD_VALUE, DETECTOR_PAD_VALUE
 from spine_edge.errors import SpineEdgeError
 from spine_edge.export import precision as prec
-from spine_edge.export.bundle_writer import model_entry
+from spine_edge.export.bundle_writer import model_entry, write_onnx
 from spine_edge.export.calibration import CalibrationSet
 from spine_edge.export.classifier_graph import CAM_NAME, PROB_NAME, export_classifier_graph, run_ensemble
 from spine_edge.export.detector_graph import (
@@ -348,6 +348,30 @@ def build_int8_variant(
         evaluation,
         det_images,
     )
+    how = f"Q/DQ graph for {target} run on ONNX Runtime CPU."
+    fp16_shares: dict[str, float] = {}
+    if target == "tensorrt":
+        # TensorRT builds Q/DQ graphs strongly typed: the unquantised rest must be FP16 in the graph
+        # itself, or it runs in FP32 on the GPU. The search ran on the FP32-body graph (ONNX Runtime
+        # integer kernels, fast); the verdict is measured on what TensorRT will build, through the
+        # exact FP16 emulation.
+        bodies = {
+            role: prec.int8_fp16_body(onnx.load(str(search.path)))
+            for role, search in (("classifier", cls_search), ("detector", det_search))
+        }
+        for role, search in (("classifier", cls_search), ("detector", det_search)):
+            write_onnx(bodies[role], search.path)
+            fp16_shares[role] = prec.fp16_share(bodies[role])
+        cls_comparison = evaluation.compare_classifier(
+            evaluation.run_classifier(prec.emulate_fp16(bodies["classifier"])), "int8"
+        )
+        det_comparison = evaluation.compare_detector(
+            evaluation.run_detector(prec.emulate_fp16(bodies["detector"])), "int8"
+        )
+        how = (
+            "Q/DQ graph for tensorrt with an FP16 body (opset 19, float16 scales), measured through the exact "
+            "FP16 emulation on ONNX Runtime CPU; the per-layer search ran on its FP32-body twin."
+        )
     graphs = []
     for role, search, result in (
         ("classifier", cls_search, calibration.classifier),
@@ -357,12 +381,17 @@ def build_int8_variant(
         # ONNX Runtime's CPU fusion wants int32 biases; TensorRT fuses these float-bias Q/DQ convs itself.
         notes += " (CPU: a lower bound for the TensorRT engine)." if target == "tensorrt" else "."
         if search.kept_fp32:
-            notes += f" Kept in FP32 by the per-layer search: {len(search.kept_fp32)} of {search.candidates} layers."
+            notes += f" Kept in float by the per-layer search: {len(search.kept_fp32)} of {search.candidates} layers."
+        if role in fp16_shares:
+            notes += (
+                f" Body between the Q/DQ layers in FP16 (opset {prec.QDQ_FP16_OPSET}, float16 scales): "
+                f"{fp16_shares[role]:.0%} of its conv/matmul layers read FP16; preprocessing and the output tail stay FP32."
+            )
         graphs.append(GraphFile(role, variant, search.path, notes))
     return Variant(
         variant=variant,
         graphs=(graphs[0], graphs[1]),
-        how=f"Q/DQ graph for {target} run on ONNX Runtime CPU.",
+        how=how,
         classifier=cls_comparison,
         detector=det_comparison,
         sensitivity={f"classifier {variant}": cls_search.record(), f"detector {variant}": det_search.record()},

@@ -144,7 +144,7 @@ def build_backbone(arch: str, *, pretrained: Path | None = None, output_stride: 
     if output_stride not in (8, 16, 32):
         raise ArchitectureError(f"output_stride {output_stride} for {arch!r}: use 32, 16 or 8")
     # Only passed when it differs from 32: some archs (DenseNet) do not take the argument at all.
-    options = {} if output_stride == 32 else {"output_stride": output_stride}
+    options: dict[str, Any] = {} if output_stride == 32 else {"output_stride": output_stride}
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=1, in_chans=3, **options)
     except TypeError as exc:

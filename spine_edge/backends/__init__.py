@@ -307,6 +307,8 @@ def create_backend(
         pre_optimized=selection.pre_optimized,
         gpu=gpu,
         inputs=entry.inputs,
+        # The TensorRT INT8 graph (FP16 body, float16 Q/DQ scales) on ONNX Runtime: an accuracy check.
+        fake_quant=entry.precision == "int8" and entry.target == "tensorrt",
     )
 
 

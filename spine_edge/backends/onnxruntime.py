@@ -375,6 +375,12 @@ class OnnxRuntimeBackend(Backend):
             defaults where None.
         inputs: The graph's inputs as the manifest records them; the TensorRT provider's batch
             profile is built from them (without them it builds engines per new shape).
+        fake_quant: Run Q/DQ nodes as the plain ops they are (``session.disable_quant_qdq``)
+            instead of fusing them into ONNX Runtime's integer kernels. For the TensorRT INT8 graph,
+            which runs on a CPU only to have its accuracy measured: its Q/DQ carry float16 scales
+            (FP16 body), and ONNX Runtime's CPU fusions mishandle those (measured with ONNX Runtime
+            1.32: a fused QLinearConcat with float16 scales fails to load; the fused classifier drifted
+            to 0.10 |Δprob| from FP32, the unfused one stays within 0.005 of the exact FP16 emulation).
 
     Example:
         >>> with OnnxRuntimeBackend("classifier.fp32.onnx", provider="cpu") as b:  # doctest: +SKIP
@@ -391,8 +397,10 @@ class OnnxRuntimeBackend(Backend):
         pre_optimized: bool = False,
         gpu: GpuSettings | None = None,
         inputs: Sequence[TensorSpec] = (),
+        fake_quant: bool = False,
     ) -> None:
         super().__init__(path)
+        self.fake_quant = fake_quant
         self.requested_provider = provider
         self.threads = threads or available_cores()
         self.pre_optimized = pre_optimized
@@ -431,6 +439,8 @@ class OnnxRuntimeBackend(Backend):
         options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         if strict:
             options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        if self.fake_quant:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         try:
             if self.requested_provider == "tensorrt-rtx":
                 self._session = self._rtx_session(ort, options)

@@ -259,3 +259,95 @@ def test_percentile_calibration_in_chunks(export_graphs: ExportedGraphs, export_
         assert low - slack <= p_low and p_high <= high + slack, name
         narrower += (p_high - p_low) < 0.9 * (high - low)
     assert narrower > 10
+
+
+def test_tensorrt_int8_graph_gets_an_fp16_body(int8_graphs: dict, export_prepared: Path, tmp_path: Path) -> None:
+    images = _val(export_prepared, 6, 0)
+    for role, output in (("classifier", "prob"), ("detector", "yolo_raw")):
+        source = onnx.load(str(int8_graphs[role, "tensorrt"]))
+        body = prec.int8_fp16_body(source)
+        path = tmp_path / f"{role}.int8.trt.onnx"
+        onnx.save(body, str(path))
+        onnx.checker.check_model(body, full_check=True)
+        assert max(o.version for o in body.opset_import if o.domain in ("", "ai.onnx")) == prec.QDQ_FP16_OPSET
+        types = _types(body)
+        # The interface is the FP32 graph's; every convolution reads FP16, every body Q/DQ scale is FP16.
+        assert [types[i.name] for i in body.graph.input] == [types[i.name] for i in source.graph.input]
+        assert {types[o.name] for o in body.graph.output} == {TensorProto.FLOAT}
+        convs = [n for n in body.graph.node if n.op_type == "Conv"]
+        assert convs and all(types[n.input[0]] == TensorProto.FLOAT16 for n in convs), role
+        assert prec.fp16_share(body) >= 0.9 and prec.fp16_share(source) == 0.0
+        scales = [types[n.input[1]] for n in body.graph.node if n.op_type == "DequantizeLinear"]
+        assert scales.count(TensorProto.FLOAT16) >= 0.9 * len(scales), role
+        # Still TensorRT's explicit quantisation: symmetric int8, supported ops.
+        assert check_symmetric_qdq(path) == ()
+        assert check_trt_ops(path).ok, check_trt_ops(path).summary()
+        # Same weights: int8 values unchanged wherever the scale was a normal float16.
+        before = {t.name: numpy_helper.to_array(t) for t in source.graph.initializer if t.data_type == TensorProto.INT8}
+        after = {t.name: numpy_helper.to_array(t) for t in body.graph.initializer if t.data_type == TensorProto.INT8}
+        moved = sum(int((before[k] != after[k]).sum()) for k in before if k in after)
+        assert moved <= 0.001 * sum(v.size for v in before.values()), role
+
+        canvas = images if role == "classifier" else _val(export_prepared, 6, 114)
+        fp32_body = run_graph(source, canvas, [output], 6)[output]
+        emulated = run_graph(prec.emulate_fp16(body), canvas, [output], 6)[output]
+        scale = 1.0 if role == "classifier" else float(np.abs(fp32_body).max())
+        # FP16 rounding of activations and scales on top of INT8: small next to the INT8 error itself.
+        assert np.abs(emulated - fp32_body).mean() / scale < 0.01, role
+        # The runtime's ONNX Runtime backend runs it unfused (fake quantisation), close to the emulation.
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        direct = session.run([output], {session.get_inputs()[0].name: canvas})[0]
+        assert np.abs(direct - emulated).mean() / scale < 0.01, role
+
+
+def test_fp16_body_raises_tiny_weight_scales_and_requantises() -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(2, 1, 3, 3)).astype(np.float32)
+    weight[1] *= 1e-6  # a channel whose int8 scale underflows float16's normal range
+    scale = (np.abs(weight).reshape(2, -1).max(axis=1) / 127).astype(np.float32)
+    q = np.clip(np.rint(weight / scale[:, None, None, None]), -127, 127).astype(np.int8)
+    act_scale = np.float32(1 / 127)
+    zero = np.int8(0)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["image", "as", "az"], ["xq"], name="q0"),
+        helper.make_node("DequantizeLinear", ["xq", "as", "az"], ["xd"], name="dq0"),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="dqw", axis=0),
+        helper.make_node("Conv", ["xd", "wd"], ["y0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["y0"], ["y1"], name="relu"),
+        helper.make_node("QuantizeLinear", ["y1", "as", "az"], ["yq"], name="q1"),
+        helper.make_node("DequantizeLinear", ["yq", "as", "az"], ["yd"], name="dq1"),
+        helper.make_node("ReduceSum", ["yd"], ["y"], name="tail", keepdims=0),
+    ]
+    # A second conv makes the Relu part of the body (a Conv above and below it).
+    nodes.insert(5, helper.make_node("Conv", ["y1", "w2"], ["y2"], name="conv1"))
+    nodes[-1] = helper.make_node("Flatten", ["y2"], ["y"], name="tail")
+    graph = helper.make_graph(
+        [n for n in nodes if n.name not in ("q1", "dq1")],
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        [
+            numpy_helper.from_array(np.array(act_scale), "as"),
+            numpy_helper.from_array(np.array(zero), "az"),
+            numpy_helper.from_array(q, "w"),
+            numpy_helper.from_array(scale, "ws"),
+            numpy_helper.from_array(np.zeros(2, np.int8), "wz"),
+            numpy_helper.from_array(np.ones((1, 2, 1, 1), np.float32), "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    body = prec.int8_fp16_body(model)
+    inits = {t.name: numpy_helper.to_array(t) for t in body.graph.initializer}
+    new_scale = next(v for k, v in inits.items() if k.startswith("ws")).astype(np.float32)
+    assert new_scale.dtype == np.float32 and (new_scale >= np.finfo(np.float16).tiny).all()
+    dequantised = inits["w"].astype(np.float32) * new_scale[:, None, None, None]
+    # Each channel is still the nearest point of its (new) grid to the FP32 weight.
+    assert np.all(np.abs(dequantised - weight) <= new_scale[:, None, None, None] / 2 + 1e-12)
+    assert np.array_equal(inits["w"][0], q[0])  # a normal scale: the int8 values did not move
+    x = rng.normal(size=(1, 1, 4, 4)).astype(np.float32)
+    got = run_graph(prec.emulate_fp16(body), x, ["y"], 1)["y"]
+    want = run_graph(model, x, ["y"], 1)["y"]
+    assert np.allclose(got, want, rtol=2e-2, atol=1e-3)

@@ -263,3 +263,73 @@ def test_onnxruntime_gpu_providers_run_strictly_and_match_the_cpu(tmp_path: Path
     np.testing.assert_allclose(out["prob"], reference_classifier(x[:, 0], 8)[0], rtol=1e-3, atol=1e-4)
     if provider == "tensorrt":
         assert any((bundle / "cache" / "ort-tensorrt" / selection.entry.sha256[:16]).iterdir())
+
+
+def _fp16_scale_qdq_graph(path: Path) -> np.ndarray:
+    """A TensorRT-style INT8 graph with an FP16 body (float16 Q/DQ scales, opset 19); returns its weight."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.linspace(-1, 1, 2 * 1 * 3 * 3, dtype=np.float32).reshape(2, 1, 3, 3)
+    w_scale = (np.abs(weight).reshape(2, -1).max(axis=1) / 127).astype(np.float16)
+    q = np.clip(np.rint(weight / w_scale.astype(np.float32)[:, None, None, None]), -127, 127).astype(np.int8)
+    half = lambda v, name: numpy_helper.from_array(np.asarray(v, np.float16), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT16),
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+        helper.make_node("Conv", ["xd", "wd"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["yd"]),
+        helper.make_node("Concat", ["yd", "yd"], ["cat"], axis=1),  # between Q/DQ pairs, as in the detector
+        helper.make_node("QuantizeLinear", ["cat", "s", "z"], ["cq"]),
+        helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["cd"]),
+        helper.make_node("Cast", ["cd"], ["prob"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fp16_body_int8",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        [
+            half(2.0, "s"),
+            numpy_helper.from_array(np.array(0, np.int8), "z"),
+            numpy_helper.from_array(q, "w"),
+            numpy_helper.from_array(w_scale, "ws"),
+            numpy_helper.from_array(np.zeros(2, np.int8), "wz"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), path)
+    return q.astype(np.float32) * w_scale.astype(np.float32)[:, None, None, None]
+
+
+def test_tensorrt_int8_graph_runs_unfused_on_onnxruntime_cpu(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    path = tmp_path / "classifier.int8.trt.onnx"
+    weight = _fp16_scale_qdq_graph(path)
+    x = np.random.default_rng(0).integers(0, 255, (2, 1, 8, 8), dtype=np.uint8)
+    with OnnxRuntimeBackend(path, provider="cpu", fake_quant=True) as backend:
+        got = backend.infer({"image": x})["prob"]
+    # The float fake-quantisation the graph means: quantise to the grid of 2.0, conv, quantise again.
+    grid = lambda v: np.clip(np.rint(v / 2.0), -128, 127) * 2.0  # noqa: E731
+    xs = grid(x.astype(np.float32))
+    padded = np.pad(xs, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    conv = np.zeros((2, 2, 8, 8), np.float32)
+    for c in range(2):
+        for i in range(3):
+            for j in range(3):
+                conv[:, c] += weight[c, 0, i, j] * padded[:, 0, i : i + 8, j : j + 8]
+    want = np.concatenate([grid(conv)] * 2, axis=1)
+    np.testing.assert_allclose(got, want, atol=2.0 + 1e-3)  # one grid step: float16 accumulation order
+    assert np.mean(np.abs(got - want) > 1e-3) < 0.05
+
+
+def test_create_backend_runs_the_tensorrt_int8_graph_as_fake_quantisation(bundle: Path) -> None:
+    manifest = load_manifest(bundle)
+    selection = select_model(manifest, "classifier", "fp32", "onnxruntime", "cpu")
+    plain = create_backend(bundle, manifest, replace(selection, pre_optimized=False))
+    assert isinstance(plain, OnnxRuntimeBackend) and not plain.fake_quant
+    trt_int8 = replace(selection, entry=replace(selection.entry, precision="int8", target="tensorrt"))
+    backend = create_backend(bundle, manifest, trt_int8)
+    assert isinstance(backend, OnnxRuntimeBackend) and backend.fake_quant

@@ -227,7 +227,7 @@ def test_output_stride_16_doubles_the_cam_grid_with_the_same_weights() -> None:
 
 
 def test_an_output_stride_the_arch_lacks_is_a_clear_error() -> None:
-    with pytest.raises(ArchitectureError, match="output_stride=16.*set output_stride 32"):
+    with pytest.raises(ArchitectureError, match=r"output_stride=16.*set output_stride 32"):
         build_backbone("densenet121", output_stride=16)
     with pytest.raises(ArchitectureError, match="use 32, 16 or 8"):
         build_backbone("test_resnet", output_stride=12)
