@@ -18,16 +18,18 @@ import pytest
 from click.testing import CliRunner
 
 from spine_edge.cli import main
-from spine_edge.dicom_writer import DicomUIDs, build_radiograph_dataset, write_dicom
+from spine_edge.dicom_writer import DicomUIDs
 from spine_edge.dicomnet.sr import read_sr_findings
 from spine_edge.dicomnet.writer import HEATMAP_NAME, OVERLAY_NAME, SR_NAME
 from spine_edge.imageio import read_image
-from tests.service.conftest import bright, write_bright_png
+from tests.service.conftest import write_bright_png
 from tests.spine_edge.bundle_factory import make_bundle
+from tests.spine_edge.radiograph_factory import radiograph_pixels, write_radiograph_dicom
 
 MODEL = ["--precision", "fp32", "--backend", "onnxruntime", "--provider", "cpu"]
 STUDY = "1.2.826.0.1.3680043.8.498.710"
 UID = STUDY + ".1.1"
+PATIENT = {"PatientID": "P-9", "PatientName": "Doe^Dana", "StudyDate": "20260103"}
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +38,9 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _radiograph(path: Path) -> Path:
-    """As ``tests/dicomnet/test_serve_dicom.py`` makes it: a DX the tiny bundle calls abnormal."""
-    dataset = build_radiograph_dataset(
-        bright((240, 200), np.uint16, 100, 4000),
-        window=(2048, 4096),
-        transfer_syntax="jpeg2000-lossless",
-        pixel_spacing=(0.5, 0.5),
-        uids=DicomUIDs(UID, STUDY, STUDY + ".1"),
-        tags={"Modality": "DX", "PatientID": "P-9", "PatientName": "Doe^Dana", "StudyDate": "20260103"},
-    )
-    return write_dicom(path, dataset)
+    """A DX the tiny bundle calls abnormal, with a study and a patient."""
+    uids = DicomUIDs(UID, STUDY, STUDY + ".1")
+    return write_radiograph_dicom(path, radiograph_pixels((240, 200), abnormal=True), uids=uids, tags=PATIENT)
 
 
 def _infer(folder: Path, out: Path, bundle: Path, dicom_out: Path) -> object:

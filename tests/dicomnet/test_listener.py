@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -25,6 +24,7 @@ from spine_edge.dicomnet.sr import read_sr_findings
 from spine_edge.dicomnet.writer import HEATMAP_NAME, OVERLAY_NAME, SR_NAME
 from tests.dicomnet.programs import Listener, OrthancServer, dciodvfy, dcmtk, free_port, require_program
 from tests.spine_edge.bundle_factory import make_bundle
+from tests.spine_edge.radiograph_factory import radiograph_pixels, write_radiograph_dicom
 
 STUDY = "1.2.826.0.1.3680043.8.498.100"
 PATIENT = {
@@ -47,20 +47,14 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _radiograph(
     path: Path, uid: str, *, bright: bool, transfer_syntax: str, size: tuple[int, int] = (128, 256)
 ) -> Path:
-    # A textured dark background, as in tests/service's dark PNG: the input guard refuses a flat image as blank.
-    noise = cv2.GaussianBlur(np.random.default_rng(0).normal(0, 130, size).astype(np.float32), (0, 0), 3)
-    pixels = (np.linspace(400, 960, size[0], dtype=np.float32)[:, None] + noise).clip(0, 4095).astype(np.uint16)
-    if bright:
-        pixels[0:64, 128:192] = 4000  # one bright region: abnormal with one box (see the tiny bundle)
-    dataset = build_radiograph_dataset(
-        pixels,
-        window=(2048, 4096),
-        transfer_syntax=transfer_syntax,
-        pixel_spacing=(0.5, 0.5),  # 256 px cover 128 mm: the input guard refuses a spine under 60 mm
+    # bright: one bright region, abnormal with one box (see the tiny bundle); 0.5 mm pixels: 128 mm of spine.
+    return write_radiograph_dicom(
+        path,
+        radiograph_pixels(size, abnormal=bright),
         uids=DicomUIDs(uid, STUDY, STUDY + ".1"),
-        tags={"Modality": "DX", "BodyPartExamined": "LSPINE", **PATIENT},
+        transfer_syntax=transfer_syntax,
+        tags={"BodyPartExamined": "LSPINE", **PATIENT},
     )
-    return write_dicom(path, dataset)
 
 
 def _store(port: int, *files: Path, calling: str = "MODALITY") -> subprocess.CompletedProcess[str]:

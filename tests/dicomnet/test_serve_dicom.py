@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 import pytest
 
@@ -23,19 +22,21 @@ from tests.service.conftest import require_serve_extra
 require_serve_extra()
 import httpx  # noqa: E402
 
-from spine_edge.dicom_writer import DicomUIDs, build_radiograph_dataset, write_dicom  # noqa: E402
+from spine_edge.dicom_writer import DicomUIDs  # noqa: E402
 from spine_edge.dicomnet.kiosk import INBOX_DIR as DICOM_INBOX_DIR  # noqa: E402
 from spine_edge.dicomnet.sr import read_sr_findings  # noqa: E402
 from spine_edge.dicomnet.writer import SR_NAME  # noqa: E402
 from spine_edge.results import read_jsonl  # noqa: E402
 from spine_edge.service.app import INBOX_DIR as HTTP_INBOX_DIR  # noqa: E402
 from tests.dicomnet.programs import dcmtk, spine_edge_program  # noqa: E402
-from tests.service.conftest import bright, write_bright_dicom, write_bright_png  # noqa: E402
+from tests.service.conftest import write_bright_dicom, write_bright_png  # noqa: E402
 from tests.spine_edge.bundle_factory import make_bundle  # noqa: E402
+from tests.spine_edge.radiograph_factory import radiograph_pixels, write_radiograph_dicom  # noqa: E402
 
 MODEL = ["--precision", "fp32", "--backend", "onnxruntime", "--provider", "cpu", "--threads", "1"]
 STUDY = "1.2.826.0.1.3680043.8.498.700"
 UID = STUDY + ".1.1"
+PATIENT = {"PatientID": "P-9", "PatientName": "Doe^Dana", "StudyDate": "20260103"}
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +45,9 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _radiograph(path: Path) -> Path:
-    """A DX the tiny bundle calls abnormal: the service tests' bright image, with a study and a patient.
-
-    0.5 mm pixels make its 240 x 200 px cover 120 x 100 mm, as much as the input guard wants of a spine.
-    """
-    dataset = build_radiograph_dataset(
-        bright((240, 200), np.uint16, 100, 4000),
-        window=(2048, 4096),
-        transfer_syntax="jpeg2000-lossless",
-        pixel_spacing=(0.5, 0.5),
-        uids=DicomUIDs(UID, STUDY, STUDY + ".1"),
-        tags={"Modality": "DX", "PatientID": "P-9", "PatientName": "Doe^Dana", "StudyDate": "20260103"},
-    )
-    return write_dicom(path, dataset)
+    """A DX the tiny bundle calls abnormal, with a study and a patient."""
+    uids = DicomUIDs(UID, STUDY, STUDY + ".1")
+    return write_radiograph_dicom(path, radiograph_pixels((240, 200), abnormal=True), uids=uids, tags=PATIENT)
 
 
 class _Serve:
