@@ -5,8 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -19,6 +17,7 @@ from spine_edge.cli import main
 from spine_edge.infer import InferConfig, default_output_dir, run_folder
 from spine_edge.results import CascadeResult
 from tests.spine_edge.bundle_factory import make_bundle
+from tests.spine_edge.conftest import start_slow_infer
 from tests.spine_edge.dicom_factory import BASIC_TEXT_SR, build_test_dataset, write_test_dicom
 
 GOOD_POSITIVE = ("bright.png", "scan.dicom", "sixteen.png")
@@ -163,37 +162,11 @@ def test_interrupted_run_keeps_completed_records(bundle: Path, folder: Path, tmp
 
 
 def test_killed_process_loses_nothing_already_written(bundle: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for i in range(400):
-        cv2.imwrite(str(folder / f"{i:04d}.png"), _bright((64, 64)) if i % 2 else np.zeros((64, 64), np.uint8))
-    out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-c",
-        "from spine_edge.cli import main; main()",
-        "-q",
-        "infer",
-        "--no-guard",
-        str(folder),
-        "--bundle",
-        str(bundle),
-        "-o",
-        str(out),
-        "--batch-size",
-        "1",
-        "--workers",
-        "1",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = start_slow_infer(bundle, tmp_path, images=400, records=20)
+    command, process, out = run.command, run.process, run.out
     jsonl = out / "results.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        if jsonl.is_file() and jsonl.read_text().count("\n") >= 20:
-            break
-        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.communicate()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     lines = jsonl.read_text().split("\n")
     complete = [json.loads(line) for line in lines[:-1]]  # every newline-terminated line is a whole record

@@ -28,8 +28,7 @@ from spine_edge.infer import NAME_MAX, InferConfig, is_output_dir, run_folder
 from spine_edge.io_utils import remove_stale_temp_files, write_bytes_atomic
 from spine_edge.results import JsonlWriter, read_jsonl, record_line
 from tests.spine_edge.bundle_factory import make_bundle
-
-CLI = [sys.executable, "-c", "from spine_edge.cli import main; main()"]
+from tests.spine_edge.conftest import CLI, start_slow_infer
 
 
 @pytest.fixture(scope="module")
@@ -305,32 +304,8 @@ def test_nan_and_infinity_are_never_written_as_bare_tokens(tmp_path: Path) -> No
 
 
 def test_sigterm_is_handled_like_ctrl_c_with_exit_143_and_a_csv(bundle: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "many"
-    for i in range(300):
-        _png(folder / f"{i:04d}.png", _bright() if i % 2 else np.zeros((64, 64), np.uint8))
-    out = tmp_path / "out"
-    command = [
-        *CLI,
-        "-q",
-        "infer",
-        "--no-guard",
-        str(folder),
-        "--bundle",
-        str(bundle),
-        "-o",
-        str(out),
-        "--batch-size",
-        "1",
-        "--workers",
-        "1",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    jsonl = out / "results.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        if jsonl.is_file() and jsonl.read_text().count("\n") >= 10:
-            break
-        time.sleep(0.01)
+    run = start_slow_infer(bundle, tmp_path, images=300, records=10)
+    process, out = run.process, run.out
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143, stderr
