@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spine_edge.bundle import (
+    ROLES,
     SCHEMA_VERSION,
     ClassifierInfo,
     DetectorInfo,
     Manifest,
     ModelEntry,
+    ParitySetFile,
     TensorRole,
     TensorSpec,
+    parity_file,
     sha256_file,
 )
 from spine_edge.io_utils import write_bytes_atomic, write_text_atomic
@@ -419,6 +422,16 @@ def write_accuracy_report(bundle: Path, report: AccuracyReport) -> tuple[Path, P
     return json_path, md_path
 
 
+def parity_set_files(bundle: Path) -> tuple[ParitySetFile, ...]:
+    """The manifest's records (sha256, size) of the parity sets the bundle holds, in role order."""
+    records = []
+    for role in ROLES:
+        path = bundle / parity_file(role)
+        if path.is_file():
+            records.append(ParitySetFile(role, parity_file(role), sha256_file(path), path.stat().st_size))
+    return tuple(records)
+
+
 def build_manifest(
     models: Sequence[ModelEntry],
     classifier: ClassifierInfo,
@@ -427,8 +440,9 @@ def build_manifest(
     calibration: Mapping[str, Any],
     accuracy: Mapping[str, Any],
     source: Mapping[str, Any],
+    parity_sets: Sequence[ParitySetFile] = (),
 ) -> Manifest:
-    """Assemble the manifest of a freshly exported bundle."""
+    """Assemble the manifest of a freshly exported bundle (``parity_sets``: see :func:`parity_set_files`)."""
     return Manifest(
         schema_version=SCHEMA_VERSION,
         bundle_id=bundle_id(fp32_files),
@@ -440,4 +454,5 @@ def build_manifest(
         calibration=json_safe(dict(calibration)),
         accuracy=json_safe(dict(accuracy)),
         source=json_safe(dict(source)),
+        parity_sets=tuple(parity_sets),
     )

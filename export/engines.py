@@ -77,6 +77,7 @@ from spine_edge.backends.onnxruntime import (
 from spine_edge.backends.openvino import OPENVINO_CACHE
 from spine_edge.backends.tensorrt import TensorRTBackend, create_builder, import_tensorrt, trt_logger
 from spine_edge.bundle import (
+    MANIFEST_NAME,
     BuildInfo,
     Manifest,
     ModelEntry,
@@ -85,8 +86,10 @@ from spine_edge.bundle import (
     Role,
     TensorSpec,
     load_manifest,
+    parity_file,
     sha256_file,
     verify_files,
+    verify_parity_set,
     write_manifest,
 )
 from spine_edge.errors import BackendError, BundleError, MissingDependencyError
@@ -114,8 +117,6 @@ TRT_DIR = "trt"
 CPU_DIR = "cpu"
 #: Bundle-relative path of the persisted TensorRT timing cache.
 DEFAULT_TIMING_CACHE = f"{TRT_DIR}/timing.cache"
-#: Bundle folder of the parity canvases (``<role>.npz``: ``canvases`` and ``reference/<output>`` arrays).
-PARITY_DIR = "parity"
 #: Canvases generated when the bundle has no parity set (seeded, so reruns compare the same inputs).
 SYNTHETIC_CANVASES = 8
 
@@ -565,8 +566,8 @@ class ParitySet:
 
 
 def parity_path(bundle: Path, role: Role) -> Path:
-    """Where a role's parity set lives in a bundle."""
-    return Path(bundle) / PARITY_DIR / f"{role}.npz"
+    """Where a role's parity set lives in a bundle (``<role>.npz``: ``canvases`` and ``reference/<output>`` arrays)."""
+    return Path(bundle) / parity_file(role)
 
 
 def write_parity_set(
@@ -609,13 +610,30 @@ def _synthetic_canvases(image: TensorSpec, count: int) -> np.ndarray:
     return scaled.astype(image.dtype)
 
 
-def load_parity_set(bundle: Path, role: Role, image: TensorSpec) -> ParitySet:
+def load_parity_set(bundle: Path, role: Role, image: TensorSpec, manifest: Manifest | None = None) -> ParitySet:
     """The role's parity set from the bundle, or seeded synthetic canvases (with a warning).
 
+    A stored set is checked against the sha256 and size the manifest records for it first
+    (:func:`~spine_edge.bundle.verify_parity_set`); one the manifest does not record (an older
+    export, or a folder without a manifest) is used unverified, with a warning.
+
+    Args:
+        bundle: The bundle folder.
+        role: Whose set.
+        image: The graph input the canvases must fit.
+        manifest: The bundle's manifest (read from ``bundle`` when not given).
+
     Raises:
-        BundleError: The stored set does not match the graph's input.
+        BundleError: The stored set is recorded but missing, does not match its recorded sha256, or
+            does not fit the graph's input.
     """
     path = parity_path(bundle, role)
+    if manifest is None and (Path(bundle) / MANIFEST_NAME).is_file():
+        manifest = load_manifest(bundle, verify=False)
+    if manifest is not None and (path.is_file() or any(p.role == role for p in manifest.parity_sets)):
+        verify_parity_set(bundle, manifest, role)
+    elif path.is_file():
+        log.warning("%s: no %s next to the parity set: it is used unverified", bundle, MANIFEST_NAME)
     if not path.is_file():
         log.warning(
             "%s: no parity canvases in the bundle (re-export writes them); checking built plans on %d "
@@ -964,7 +982,7 @@ class _TensorRTBuilder:
         """Deserialise the new plan and check it against ONNX Runtime FP32 on the parity canvases."""
         try:
             if entry.role not in self._parity:
-                parity = load_parity_set(self._bundle, entry.role, entry.inputs[0])
+                parity = load_parity_set(self._bundle, entry.role, entry.inputs[0], self._manifest)
                 reference = parity.reference or reference_outputs(
                     self._bundle, self._manifest, entry.role, parity.canvases
                 )
@@ -1088,7 +1106,7 @@ def build_openvino(
                 continue  # nothing to race: the bundle has no such graph, as the CPU build's own plan reports
             start = time.perf_counter()
             try:
-                parity = load_parity_set(bundle, role, source.inputs[0])
+                parity = load_parity_set(bundle, role, source.inputs[0], manifest)
                 reference = parity.reference or reference_outputs(bundle, manifest, role, parity.canvases)
                 cache = openvino_cache_dir(bundle, source)
                 with OnnxRuntimeBackend(bundle / rival.file, provider="cpu", threads=threads) as backend:

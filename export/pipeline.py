@@ -45,6 +45,7 @@ from spine_edge.export.bundle_writer import (
     REPORT_MARKDOWN,
     AccuracyReport,
     build_manifest,
+    parity_set_files,
     write_accuracy_report,
 )
 from spine_edge.export.calibration import CalibrationSet, calibrate_graphs
@@ -337,5 +338,6 @@ def _write_manifest(
         calibration.summary() if calibration else {},
         report.summary() if report else {"skipped": "no evaluation data (pass --eval-data)"},
         sources.provenance(),
+        parity_set_files(out),
     )
     return write_manifest(out, manifest)

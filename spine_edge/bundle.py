@@ -33,6 +33,9 @@ MANIFEST_NAME = "manifest.json"
 #: sha256 of manifest.json, written next to it by :func:`write_manifest` and checked by :func:`load_manifest`.
 DIGEST_NAME = "manifest.sha256"
 
+#: Bundle folder of the parity sets, ``<role>.npz`` each (see :class:`ParitySetFile`).
+PARITY_DIR = "parity"
+
 #: Where `spine-edge export` writes and every bundle-reading command looks by default.
 DEFAULT_BUNDLE_DIR = Path("runs/bundle")
 #: Environment variable that overrides the default bundle location.
@@ -44,6 +47,8 @@ ROLES: tuple[Role, ...] = get_args(Role)
 #: Numeric precisions a bundle can carry, in the order reports list them.
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+#: How export calibrates INT8 activation ranges (recorded in the manifest's ``calibration``).
+CalibrationMethod = Literal["minmax", "percentile"]
 #: What a graph tensor carries, so the runtime finds its outputs by meaning, not by rank or name.
 #: ``image``: the uint8 [N, 1, S, S] input. ``probability``: the ensemble probability [N].
 #: ``cam``: the class-activation map [N, H', W']. ``yolo_raw``: the detector head [N, 4 + C, A].
@@ -154,6 +159,26 @@ class ModelEntry:
             f"the {self.role} model {self.file} has no output with role {role!r} in manifest.json "
             f"(outputs: {[(s.name, s.role) for s in self.outputs]}); re-export the bundle with this spine-edge"
         )
+
+
+@dataclass(frozen=True)
+class ParitySetFile:
+    """A stored parity set (``parity/<role>.npz``): the canvases every built plan of the role is checked on.
+
+    ``build-engines`` trusts a plan because it reproduces ONNX Runtime FP32 on these canvases, so the
+    file is hashed like a model file: a corrupted or swapped set would otherwise pass a broken plan.
+
+    Attributes:
+        role: The model role whose plans are checked on it.
+        file: Path relative to the bundle folder.
+        sha256: Hex digest of the file.
+        size: Its size in bytes.
+    """
+
+    role: Role
+    file: str
+    sha256: str
+    size: int
 
 
 @dataclass(frozen=True)
@@ -272,6 +297,8 @@ class Manifest:
         accuracy: The export-time accuracy report (deltas against FP32).
         source: Checkpoint provenance (paths, data fingerprint, metrics); :attr:`provenance` is the
             typed view of what is read back from it.
+        parity_sets: The stored parity sets with their sha256 and size; empty in bundles exported
+            before they were recorded (their sets are then used unverified, with a warning).
     """
 
     schema_version: int
@@ -284,6 +311,7 @@ class Manifest:
     calibration: dict[str, Any] = field(default_factory=dict)
     accuracy: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    parity_sets: tuple[ParitySetFile, ...] = ()
 
     def find(self, role: Role, precision: Precision, fmt: ModelFormat, target: str | None = None) -> ModelEntry | None:
         """The entry for a role/precision/format (and target, if given), or None."""
@@ -467,12 +495,17 @@ def _build(d: Any, where: str) -> BuildInfo:
     return build
 
 
-def _entry(d: Any, where: str) -> ModelEntry:
-    d = _object(d, where)
-    file = _bundle_path(d, "file", where)
+def _sha256(d: dict[str, Any], where: str) -> str:
     sha = _str(d, "sha256", where)
     if len(sha) != 64 or not set(sha) <= _HEX:
         raise _invalid(f"{where}.sha256", f"is {_short(sha)}, expected 64 lowercase hex digits")
+    return sha
+
+
+def _entry(d: Any, where: str) -> ModelEntry:
+    d = _object(d, where)
+    file = _bundle_path(d, "file", where)
+    sha = _sha256(d, where)
     build = d.get("build")
     return ModelEntry(
         role=_known(d.get("role"), ROLES, f"{where}.role"),
@@ -529,6 +562,16 @@ def _ood(o: Any, where: str) -> OodInfo:
     )
 
 
+def _parity_set(d: Any, where: str) -> ParitySetFile:
+    d = _object(d, where)
+    return ParitySetFile(
+        role=_known(d.get("role"), ROLES, f"{where}.role"),
+        file=_bundle_path(d, "file", where),
+        sha256=_sha256(d, where),
+        size=_int(d, "size", where, 0, 2**63 - 1),
+    )
+
+
 def _detector(t: Any) -> DetectorInfo:
     where = "detector"
     t = _object(t, where)
@@ -575,6 +618,9 @@ def manifest_from_dict(d: Any) -> Manifest:
         calibration=_object(d.get("calibration", {}), "calibration"),
         accuracy=_object(d.get("accuracy", {}), "accuracy"),
         source=_object(d.get("source", {}), "source"),
+        parity_sets=tuple(
+            _parity_set(p, f"parity_sets[{i}]") for i, p in enumerate(_list(d, "parity_sets", "", default=[]))
+        ),
     )
 
 
@@ -684,6 +730,46 @@ def verify_files(bundle: str | Path, manifest: Manifest, entries: tuple[ModelEnt
                 f"{path}: sha256 {digest[:12]}… does not match the manifest ({entry.sha256[:12]}…); the file is "
                 "corrupt or was replaced: copy the bundle again, or rebuild engines with `spine-edge build-engines`"
             )
+
+
+def parity_file(role: Role) -> str:
+    """The bundle-relative path of a role's parity set."""
+    return f"{PARITY_DIR}/{role}.npz"
+
+
+def verify_parity_set(bundle: str | Path, manifest: Manifest, role: Role) -> None:
+    """Check a role's stored parity set against the sha256 and size the manifest records for it.
+
+    A bundle exported before parity sets were recorded has no entry: its set is used unverified,
+    with a warning.
+
+    Raises:
+        BundleError: The set is recorded but missing, or its size or sha256 differs (naming the file).
+    """
+    folder = Path(bundle)
+    entry = next((p for p in manifest.parity_sets if p.role == role), None)
+    if entry is None:
+        log.warning(
+            "%s: the %s parity set is not recorded in %s (a bundle from an older spine-edge): it is used "
+            "unverified; re-export the bundle (spine-edge export) to record its sha256",
+            folder,
+            role,
+            MANIFEST_NAME,
+        )
+        return
+    path = folder / entry.file
+    if not path.is_file():
+        raise BundleError(f"{path}: listed in the manifest but missing; copy the whole bundle folder again")
+    size = path.stat().st_size
+    digest = sha256_file(path) if size == entry.size else ""
+    if digest != entry.sha256:
+        found = f"sha256 {digest[:12]}…" if digest else f"{size} bytes"
+        recorded = f"{entry.sha256[:12]}…" if digest else f"{entry.size} bytes"
+        raise BundleError(
+            f"{path}: {found} does not match the manifest ({recorded}); the {role} parity set is corrupt or "
+            "was replaced, and built plans cannot be checked on it: re-export the bundle (spine-edge export), "
+            "or copy the bundle folder again"
+        )
 
 
 def write_manifest(bundle: str | Path, manifest: Manifest) -> Path:

@@ -8,15 +8,17 @@ from typing import Any
 
 import click
 
-from spine_edge.bundle import default_bundle_path
+from spine_edge.bundle import CalibrationMethod, Precision, default_bundle_path
 from spine_edge.cli import EXIT_GATE_FAILED, EXIT_SETUP, fail
+from spine_edge.config import literal_values
 from spine_edge.errors import MissingDependencyError, SpineEdgeError
 from spine_edge.support import import_optional
 
-#: ``ExportConfig.precisions`` / ``calib_method`` choices, as export.config spells them (checked by a test):
-#: click needs the choices when the command is declared, when the export package may not be imported.
-PRECISION_CHOICES = ("fp32", "fp16", "int8")
-CALIBRATION_CHOICES = ("minmax", "percentile")
+#: ``ExportConfig.precisions`` / ``calib_method`` choices. click needs them when the command is declared,
+#: when the export package may not be imported, so they come from the runtime's ``Literal`` types, which
+#: the export package's own names are checked against (tests/export/test_pipeline.py).
+PRECISION_CHOICES = literal_values(Precision)
+CALIBRATION_CHOICES = literal_values(CalibrationMethod)
 
 
 class ConfigDefault:

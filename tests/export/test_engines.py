@@ -394,6 +394,41 @@ def test_parity_set_round_trip_and_synthetic_fallback(tmp_path: Path) -> None:
     assert engines.take_batch(canvases, 5).shape[0] == 5
 
 
+def test_a_recorded_parity_set_is_verified_and_a_tampered_one_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from spine_edge.export.bundle_writer import parity_set_files
+    from tests.spine_edge.bundle_factory import make_bundle
+
+    bundle = make_bundle(tmp_path)
+    manifest = load_manifest(bundle)
+    spec = manifest.find("classifier", "fp32", "onnx").inputs[0]  # type: ignore[union-attr]
+    canvases = np.random.default_rng(3).integers(0, 256, (4, *spec.shape[1:]), dtype=np.uint8)  # type: ignore[call-overload]
+    path = engines.write_parity_set(bundle, "classifier", canvases)
+    with caplog.at_level("WARNING"):  # a bundle exported before parity sets were recorded
+        assert engines.load_parity_set(bundle, "classifier", spec).source == "bundle"
+    assert "not recorded in manifest.json" in caplog.text
+    records = parity_set_files(bundle)
+    assert [(r.role, r.file, r.size) for r in records] == [("classifier", "parity/classifier.npz", path.stat().st_size)]
+    write_manifest(bundle, replace(manifest, parity_sets=records))
+    recorded = load_manifest(bundle)
+    stored = engines.load_parity_set(bundle, "classifier", spec)
+    np.testing.assert_array_equal(stored.canvases, canvases)
+    assert engines.load_parity_set(bundle, "classifier", spec, recorded).source == "bundle"
+
+    engines.write_parity_set(bundle, "classifier", 255 - canvases)  # swapped: same size, other canvases
+    for given in (None, recorded):
+        with pytest.raises(BundleError) as caught:
+            engines.load_parity_set(bundle, "classifier", spec, given)
+        message = str(caught.value)
+        assert str(path) in message and "does not match the manifest" in message and "re-export the bundle" in message
+    path.unlink()
+    with pytest.raises(BundleError, match="listed in the manifest but missing"):
+        engines.load_parity_set(bundle, "classifier", spec)
+    detector = manifest.find("detector", "fp32", "onnx").inputs[0]  # type: ignore[union-attr]
+    assert engines.load_parity_set(bundle, "detector", detector).source == "synthetic"
+
+
 def _built(entry: engines.ModelEntry, precision: str, low: int, high: int) -> engines.ModelEntry:
     build = engines.BuildInfo(
         builder="tensorrt",

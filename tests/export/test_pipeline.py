@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from spine_edge.bundle import load_manifest
+from spine_edge.bundle import CalibrationMethod, Precision, load_manifest
 from spine_edge.cli import export as export_cli
+from spine_edge.config import literal_values
 from spine_edge.errors import SpineEdgeError
 from spine_edge.export import (
     bundle_writer,
@@ -188,6 +189,11 @@ def test_cli_defaults_are_the_config_defaults() -> None:
         assert option.get_default(ctx) == field_default(ExportConfig, str(option.name)), option.name
     assert export_cli.PRECISION_CHOICES == PRECISIONS
     assert typing.get_args(precision.CalibrationMethodName) == export_cli.CALIBRATION_CHOICES
+    # The options offer exactly the runtime's Literal values, which the export package spells the same.
+    by_name = {str(option.name): option for option in options}
+    assert list(by_name["precisions"].type.choices) == list(literal_values(Precision)) == list(PRECISIONS)  # type: ignore[attr-defined]
+    assert list(by_name["calib_method"].type.choices) == list(literal_values(CalibrationMethod))  # type: ignore[attr-defined]
+    assert literal_values(CalibrationMethod) == literal_values(precision.CalibrationMethodName)
     with pytest.raises(TypeError, match="no default"):
         field_default(ExportConfig, "checkpoints")
 

@@ -20,12 +20,15 @@ from spine_edge.bundle import (
     EnsembleMember,
     Manifest,
     ModelEntry,
+    ParitySetFile,
     Provenance,
     TensorSpec,
     default_bundle_path,
     load_manifest,
     manifest_from_dict,
+    parity_file,
     sha256_file,
+    verify_parity_set,
     write_manifest,
 )
 from spine_edge.constants import CLASS_NAMES
@@ -170,10 +173,15 @@ def _set(data: dict, dotted: str, value: object) -> None:
         ("detector.surprise", 1, "detector has unknown field(s) ['surprise']"),
         ("bundle_id", "", "bundle_id is '', expected a non-empty string"),
         ("calibration", [], "calibration is list [], expected a JSON object"),
+        ("parity_sets.0.sha256", "abc", "parity_sets[0].sha256 is 'abc', expected 64 lowercase hex digits"),
+        ("parity_sets.0.file", "../p.npz", "parity_sets[0].file is '../p.npz'"),
+        ("parity_sets.0.role", "segmenter", "parity_sets[0].role"),
+        ("parity_sets.0.size", -1, "parity_sets[0].size is -1"),
     ],
 )
 def test_every_manifest_field_is_validated_and_named(tmp_path: Path, dotted: str, value: object, phrase: str) -> None:
-    data = json.loads(json.dumps(_manifest(tmp_path).to_dict()))
+    parity = ParitySetFile("classifier", parity_file("classifier"), "0" * 64, 10)
+    data = json.loads(json.dumps(dataclasses.replace(_manifest(tmp_path), parity_sets=(parity,)).to_dict()))
     _set(data, dotted, value)
     _rewrite(tmp_path, json.dumps(data))
     with pytest.raises(BundleError) as caught:
@@ -240,3 +248,44 @@ def test_cli_gives_exit_3_naming_the_field(tmp_path: Path) -> None:
     )
     assert run.returncode == 3, run.stderr
     assert "detector.conf_threshold is -1" in run.stderr and "Traceback" not in run.stderr
+
+
+def _with_parity_set(folder: Path) -> tuple[Manifest, Path]:
+    path = folder / parity_file("classifier")
+    path.parent.mkdir()
+    path.write_bytes(b"stored canvases")
+    record = ParitySetFile("classifier", parity_file("classifier"), sha256_file(path), path.stat().st_size)
+    manifest = dataclasses.replace(_manifest(folder), parity_sets=(record,))
+    write_manifest(folder, manifest)
+    return manifest, path
+
+
+def test_the_parity_set_round_trips_and_a_tampered_one_is_refused(tmp_path: Path) -> None:
+    manifest, path = _with_parity_set(tmp_path)
+    assert load_manifest(tmp_path) == manifest
+    verify_parity_set(tmp_path, manifest, "classifier")
+    path.write_bytes(b"stored canvasez")  # same size, other bytes: the sha256 tells
+    with pytest.raises(BundleError) as caught:
+        verify_parity_set(tmp_path, manifest, "classifier")
+    message = str(caught.value)
+    assert str(path) in message and "does not match the manifest" in message and "re-export the bundle" in message
+    path.write_bytes(b"swapped for a longer file")
+    with pytest.raises(BundleError, match=r"classifier\.npz: 25 bytes does not match the manifest \(15 bytes\)"):
+        verify_parity_set(tmp_path, manifest, "classifier")
+    path.unlink()
+    with pytest.raises(BundleError, match="listed in the manifest but missing"):
+        verify_parity_set(tmp_path, manifest, "classifier")
+
+
+def test_a_parity_set_the_manifest_does_not_record_is_used_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest, _ = _with_parity_set(tmp_path)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    del data["parity_sets"]  # a manifest written before parity sets were recorded
+    _rewrite(tmp_path, json.dumps(data))
+    old = load_manifest(tmp_path)
+    assert old.parity_sets == () and old == dataclasses.replace(manifest, parity_sets=())
+    with caplog.at_level("WARNING"):
+        verify_parity_set(tmp_path, old, "classifier")
+    assert "not recorded in manifest.json" in caplog.text and "unverified" in caplog.text
