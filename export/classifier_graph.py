@@ -176,12 +176,14 @@ def attach_ood(
         The threshold with its context (for the manifest).
     """
     train_features = pooled_features(ensemble, train_images)
-    model = fit_ood(train_features)
+    val_features = pooled_features(ensemble, val_images)
+    # Validation features weigh the members (inverse validation variance, export/ood.py member_weights).
+    model = fit_ood(train_features, val_features)
     # A DERNetEnsemble (torch's stubs type set_ood on nn.Module as Tensor | Module).
     cast("DERNetEnsemble", ensemble).set_ood(
         [fit.mean for fit in model.members], [fit.whitening for fit in model.members]
     )
-    return choose_threshold(model.score(pooled_features(ensemble, val_images)), model.score(train_features), percentile)
+    return choose_threshold(model.score(val_features), model.score(train_features), percentile)
 
 
 def export_classifier_graph(ensemble: torch.nn.Module, out: Path, input_size: int) -> Path:

@@ -132,3 +132,30 @@ def test_export_writes_the_score_and_its_threshold(exported_bundle) -> None:  # 
     assert ood.threshold >= (ood.val_median or 0) > 0
     for entry in (e for e in manifest.models if e.role == "classifier"):  # every precision carries the score
         assert entry.output("ood_score").shape == ("batch",)
+
+
+def test_validation_weights_damp_an_unstable_member_and_fold_into_the_whitening() -> None:
+    train, val = _features(200, 16, seed=11), _features(60, 16, seed=12)
+    rng = np.random.default_rng(13)
+    # The second member's validation features have a heavy tail its training features lack.
+    unstable_val = val + rng.standard_t(1.5, size=val.shape) * 0.5
+    equal = fit_ood([train, train])
+    weighted = fit_ood([train, train], [val, unstable_val])
+    weights = [fit.weight for fit in weighted.members]
+    assert [fit.weight for fit in equal.members] == [1.0, 1.0]
+    assert sum(weights) == pytest.approx(2.0) and weights[0] > 5 * weights[1]
+    probe = _features(4, 16, seed=14)
+    per_member = [fit.score(probe) for fit in equal.members]
+    np.testing.assert_allclose(
+        weighted.score([probe, probe]), weights[0] * per_member[0] + weights[1] * per_member[1], rtol=1e-9
+    )
+    assert weighted.score([val, unstable_val]).std() < equal.score([val, unstable_val]).std()
+    with pytest.raises(ValueError, match="2 members"):
+        fit_ood([train, train], [val])
+
+
+def test_member_weights_fall_back_to_equal_without_spread() -> None:
+    from spine_edge.export.ood import member_weights
+
+    np.testing.assert_allclose(member_weights([np.ones(5), np.arange(5.0)]), [1.0, 1.0])
+    np.testing.assert_allclose(member_weights([np.arange(5.0), 2 * np.arange(5.0)]), [1.6, 0.4])
