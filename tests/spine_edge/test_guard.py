@@ -28,16 +28,10 @@ from spine_edge.guard import (
     read_header,
 )
 from tests.spine_edge.dicom_factory import write_test_dicom
+from tests.spine_edge.radiograph_factory import radiograph_pixels
 
-
-def _radiograph_like(rng: np.random.Generator, shape: tuple[int, int] = (700, 560)) -> np.ndarray:
-    """Dark background, a bright column of "vertebrae" with soft edges and quantum noise, bone bright."""
-    h, w = shape
-    image = np.full(shape, 25.0)
-    for top in range(40, h - 80, 90):
-        cv2.rectangle(image, (w // 3, top), (2 * w // 3, top + 70), 190, -1)
-    image = cv2.GaussianBlur(image, (0, 0), 6) + rng.normal(0, 6, shape)
-    return np.clip(image, 0, 255).astype(np.uint8)
+#: Height and width of a radiograph-like test film (350 x 280 mm at 0.5 mm).
+FILM = (700, 560)
 
 
 def test_mr_dicom_from_pydicom_is_refused_by_modality() -> None:
@@ -72,7 +66,7 @@ def test_header_rules(facts: HeaderFacts, refused: bool, flagged: bool) -> None:
 
 def test_header_is_read_without_pixels_and_missing_tags_are_fine(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    bare = write_test_dicom(tmp_path / "bare.dicom", _radiograph_like(rng).astype(np.uint16) * 16)
+    bare = write_test_dicom(tmp_path / "bare.dicom", radiograph_pixels(FILM, rng=rng))
     facts = read_header(bare)
     assert facts is not None
     assert not check_header(facts).refused
@@ -83,24 +77,24 @@ def test_header_is_read_without_pixels_and_missing_tags_are_fine(tmp_path: Path)
 
 def test_radiograph_like_images_pass_the_image_rules() -> None:
     rng = np.random.default_rng(1)
-    image = _radiograph_like(rng)
+    image = radiograph_pixels(FILM, rng=rng, dtype=np.uint8)
     assert check_image(image) == GuardDecision()
     # Stored as RGB (three equal channels), with a red arrow burnt in: still a radiograph.
     colour = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     cv2.arrowedLine(colour, (20, 20), (150, 120), (0, 0, 255), 6)
     assert not check_image(image, colour).refused
     # A stitched whole-spine study (about 2.8:1) and a reduced-resolution decode of a large film pass.
-    assert not check_image(_radiograph_like(rng, (1400, 500))).refused
+    assert not check_image(radiograph_pixels((1400, 500), rng=rng, dtype=np.uint8)).refused
     assert not check_image(image, source_shape=(2800, 2240), pixel_spacing=(0.14, 0.14)).refused
 
 
 def test_size_aspect_and_colour_refusals_carry_the_numbers() -> None:
     rng = np.random.default_rng(2)
-    small = check_image(_radiograph_like(rng, (100, 80))).refusal
+    small = check_image(radiograph_pixels((100, 80), rng=rng, dtype=np.uint8)).refusal
     assert small is not None and small.code == "size" and "80 x 100 px" in small.reason
-    strip = check_image(_radiograph_like(rng, (200, 1000))).refusal
+    strip = check_image(radiograph_pixels((200, 1000), rng=rng, dtype=np.uint8)).refusal
     assert strip is not None and strip.code == "aspect_ratio" and "5.0" in strip.reason
-    tiny_field = check_image(_radiograph_like(rng), pixel_spacing=(0.05, 0.05)).refusal
+    tiny_field = check_image(radiograph_pixels(FILM, rng=rng, dtype=np.uint8), pixel_spacing=(0.05, 0.05)).refusal
     assert tiny_field is not None and tiny_field.code == "size" and "35 mm" in tiny_field.reason
     photo = colour_photo(rng)
     gray = cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY)
@@ -115,15 +109,15 @@ def test_generated_non_radiographs_are_refused_by_the_rules_or_left_to_the_learn
     outcomes = {o.path.name: o for o in evaluate_rules([p for paths in files.values() for p in paths])}
     assert all(o.error is None for o in outcomes.values())
     expected = {"colour_photo": "colour", "mri_dicom": "modality", "document": "document", "screenshot": "document",
-                "blank": "blank", "noise": "noise"}  # fmt: skip
+                "screenshot_dark": "document", "blank": "blank", "noise": "noise"}  # fmt: skip
     for kind, code in expected.items():
         for path in files[kind]:
             refusal = outcomes[path.name].decision.refusal
             assert refusal is not None and refusal.code == code, (path.name, refusal)
             assert refusal.reason and refusal.code in REFUSAL_CODES
-    # Gray natural textures, gray MRI-like JPEGs and dark screenshots look like radiographs to simple
-    # rules; they are what the in-distribution score of the classifier graph is for.
-    for kind in ("gray_texture", "mri_slice", "screenshot_dark"):
+    # Gray natural textures and gray MRI-like JPEGs look like radiographs to simple rules; they are
+    # what the in-distribution score of the classifier graph is for.
+    for kind in ("gray_texture", "mri_slice"):
         assert all(not outcomes[p.name].decision.refused for p in files[kind])
     report = rules_report(list(outcomes.values()))
     assert report.total == len(outcomes) and report.by_code["colour"] == 3
@@ -192,7 +186,7 @@ def ood_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _bright_texture(rng: np.random.Generator) -> np.ndarray:
     """Passes every rule, but is brighter on average than the tiny bundle's in-distribution limit."""
-    return np.clip(_radiograph_like(rng).astype(np.int16) + 150, 0, 255).astype(np.uint8)
+    return np.clip(radiograph_pixels(FILM, rng=rng, dtype=np.uint8).astype(np.int16) + 150, 0, 255).astype(np.uint8)
 
 
 def test_cascade_refuses_cheapest_first_and_records_the_score(ood_bundle: Path, tmp_path: Path) -> None:
@@ -202,7 +196,7 @@ def test_cascade_refuses_cheapest_first_and_records_the_score(ood_bundle: Path, 
     folder = tmp_path / "in"
     files = write_non_radiographs(folder, seed=1)
     good, bright = folder / "good.png", folder / "bright.png"
-    cv2.imwrite(str(good), _radiograph_like(rng))
+    cv2.imwrite(str(good), radiograph_pixels(FILM, rng=rng, dtype=np.uint8))
     cv2.imwrite(str(bright), _bright_texture(rng))
     mr = Path(get_testdata_file("MR_small.dcm"))
     inputs = [good, bright, mr, files["colour_photo"][0], files["document"][0], files["noise"][0]]
@@ -234,7 +228,7 @@ def test_infer_counts_refusals_apart_with_their_exit_code(ood_bundle: Path, tmp_
 
     folder = tmp_path / "kiosk"
     folder.mkdir()
-    cv2.imwrite(str(folder / "good.png"), _radiograph_like(np.random.default_rng(6)))
+    cv2.imwrite(str(folder / "good.png"), radiograph_pixels(FILM, rng=np.random.default_rng(6), dtype=np.uint8))
     cv2.imwrite(str(folder / "cat.jpg"), colour_photo(np.random.default_rng(7)))
     out = tmp_path / "out"
     args = ["-q", "infer", str(folder), "--bundle", str(ood_bundle), "-o", str(out), "--backend", "onnxruntime"]
@@ -245,3 +239,26 @@ def test_infer_counts_refusals_apart_with_their_exit_code(ood_bundle: Path, tmp_
         rows = {Path(r["source"]).name: r for r in csv.DictReader(f)}
     assert rows["cat.jpg"]["status"] == "refused" and rows["cat.jpg"]["refusal_code"] == "colour"
     assert rows["good.png"]["ood_score"] != "" and rows["good.png"]["refusal_code"] == ""
+
+
+def test_flat_rendered_screens_are_refused_and_radiograph_borders_and_labels_are_not() -> None:
+    rng = np.random.default_rng(5)
+    image = radiograph_pixels(FILM, rng=rng, dtype=np.uint8)
+    assert measure_image(image).flat_fraction < 0.01
+    # A real film's exact-black collimation border (a third of the image) and white burnt-in text.
+    film = image.copy()
+    film[:, : FILM[1] // 3] = 0
+    cv2.putText(film, "L  R  PA 2019", (250, 60), cv2.FONT_HERSHEY_SIMPLEX, 1.5, 255, 4)
+    assert measure_image(film).flat_fraction < 0.05
+    assert not check_image(film).refused
+    # A dark-theme window: filled panels of exact levels, light text.
+    shot = np.full((800, 1280), 30, np.uint8)
+    cv2.rectangle(shot, (20, 60), (1260, 780), 45, cv2.FILLED)
+    cv2.putText(shot, "patient referral lumbar", (40, 120), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 220, 1, cv2.LINE_AA)
+    measured = measure_image(shot)
+    assert measured.flat_fraction > 0.6
+    refusal = check_image(shot).refusal
+    assert refusal is not None and refusal.code == "document" and "screenshot" in refusal.reason
+    assert check_image(shot, config=GuardConfig(max_flat_fraction=1.0)).refusal is None
+    with pytest.raises(ValueError, match="max_flat_fraction"):
+        GuardConfig(max_flat_fraction=1.5)
