@@ -17,8 +17,9 @@ no licences), each kind drawn to look like the real thing at the level the guard
 before the model. :func:`evaluate_guard` is ``bench``'s guard phase: the guarded cascade of each
 precision over the labelled test split (every refusal there is a false refusal) and over the
 generated set, the decisions compared between precisions, and the CAM pointing game on the
-abnormal test images. ``bench``'s accuracy and latency phases run without the guard, so they
-measure the models on every labelled image.
+abnormal test images. ``bench``'s accuracy and latency phases run without the guard (rules off, the
+learned score only flagging), so they measure the models on every labelled image, and this phase
+counts the false refusals over every test image, each named with its code and reason.
 """
 
 from __future__ import annotations
@@ -224,7 +225,10 @@ class GuardBench:
 
     Attributes:
         reference: The precision whose decisions are the reference (``fp32``).
-        test_split: Refusals on the labelled test split (false refusals: they are all radiographs).
+        test_split: Refusals on the labelled test split (false refusals: they are all radiographs), over
+            every test image the reference could read.
+        test_refusals: ``(source, code, reason)`` of each refused test image.
+        test_errors: Test images the reference could not read (not in ``test_split``).
         non_radiographs: Refusals per kind of generated non-radiograph.
         disagreements: Per other precision, inputs (test split and non-radiographs) whose guard
             decision (refused or not) differs from the reference's.
@@ -238,6 +242,8 @@ class GuardBench:
     disagreements: dict[str, int]
     pointing: PointingScore
     seconds: float
+    test_refusals: tuple[tuple[str, str, str], ...] = ()
+    test_errors: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (goes into the report's ``data["guard"]``)."""
@@ -247,7 +253,13 @@ class GuardBench:
 
         return {
             "reference": self.reference,
-            "test_split_false_refusals": counts(self.test_split),
+            "test_split_false_refusals": counts(self.test_split)
+            | {
+                "errors": self.test_errors,
+                "refused_images": [
+                    {"source": source, "code": code, "reason": reason} for source, code, reason in self.test_refusals
+                ],
+            },
             "non_radiographs": {kind: counts(r) for kind, r in self.non_radiographs.items()},
             "disagreements_vs_reference": self.disagreements,
             "cam_pointing_game": self.pointing.to_dict(),
@@ -260,10 +272,14 @@ class GuardBench:
         total = sum(r.total for r in self.non_radiographs.values())
         flips = ", ".join(f"{k} {v}" for k, v in self.disagreements.items()) or "no other precision"
         p = self.pointing
+        named = "; ".join(f"{Path(source).name}: {code} ({reason})" for source, code, reason in self.test_refusals[:3])
+        more = f" and {len(self.test_refusals) - 3} more" if len(self.test_refusals) > 3 else ""
+        unread = f"; {self.test_errors} test image(s) could not be read" if self.test_errors else ""
         return [
             f"guard ({self.reference}): {self.test_split.refused}/{self.test_split.total} test radiographs refused "
             f"({self.test_split.rate:.1%}, target <= 2%; {self.test_split.by_code or 'none'}); generated "
-            f"non-radiographs refused {refused}/{total}; decisions differing from {self.reference}: {flips}",
+            f"non-radiographs refused {refused}/{total}; decisions differing from {self.reference}: {flips}{unread}",
+            *([f"guard ({self.reference}): refused test radiographs: {named}{more}"] if named else []),
             f"CAM pointing game ({self.reference}): {p.hits}/{p.images} = {p.score:.3f} abnormal test images with the "
             f"hottest cell inside a lesion box (random cell: {p.random_baseline:.3f})",
         ]
@@ -320,9 +336,12 @@ def evaluate_guard(
                                 np.zeros((1, 1), np.float32), labels, 0.0))  # fmt: skip
         boxes.append([tuple(float(v) * scale for v in box) for box in truth.boxes[i].boxes])
     reference_decisions = decisions[reference]
+    read = [r for r in test_results if r.status != "error"]
     return GuardBench(
         reference=reference,
-        test_split=GuardReport.of([_decision(r) for r in test_results]),
+        test_split=GuardReport.of([_decision(r) for r in read]),
+        test_refusals=tuple((r.source, r.refusal.code, r.refusal.reason) for r in read if r.refusal is not None),
+        test_errors=len(test_results) - len(read),
         non_radiographs=by_kind,
         disagreements={
             label: int(sum(a != b for a, b in zip(d, reference_decisions, strict=True)))

@@ -193,6 +193,7 @@ def _run_accuracy(config: BenchConfig, manifest: Manifest, plan: BenchPlan, trut
                 force_detector=True,
                 heatmaps=False,
                 guard=False,
+                ood="flag",
                 graph_target=graph_target,
             )
             cascades[label] = Cascade.from_config(settings)
@@ -300,7 +301,7 @@ def _latency(
     RSS), so it is the steady state a kiosk runs in, not the transient of building a session.
     """
     # The guard's own phase measures its decisions; latency times the models on every image.
-    settings = replace(config.cascade, precision=label, backend=plan.backend, guard=False)  # type: ignore[arg-type]
+    settings = replace(config.cascade, precision=label, backend=plan.backend, guard=False, ood="flag")  # type: ignore[arg-type]
     throughput: dict[int, Throughput] = {}
     with Cascade.from_config(replace(settings, batch_size=1)) as cascade:
         runs = config.runs + config.warmup
@@ -476,7 +477,7 @@ def run_bench(config: BenchConfig) -> BenchReport:
             }
             with _timed(phases, "guard"):
                 guard = evaluate_guard(
-                    replace(config.cascade, backend=cast(BackendChoice, plan.backend)), acc.truth,
+                    replace(config.cascade, backend=cast(BackendChoice, plan.backend)), truth,
                     [label for label, _, _ in plan.accuracy if label in PRECISIONS], Path(tmp) / "non_radiographs",
                     REFERENCE,
                 )  # fmt: skip
