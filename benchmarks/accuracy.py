@@ -218,7 +218,9 @@ def collect_predictions(
                     detections[label].append(_boxes_of(result))
                 else:
                     if result is not None:
-                        errors[label].append((i, str(result.error)))
+                        refusal = result.refusal
+                        why = f"refused: {refusal.code} ({refusal.reason})" if refusal else str(result.error)
+                        errors[label].append((i, why))
                     detections[label].append(ImageBoxes.empty())
         if progress:
             progress(len(chunk))
