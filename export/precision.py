@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from spine_edge.bundle import CalibrationMethod as CalibrationMethodName
+from spine_edge.bundle import CalibrationMethod
 from spine_edge.errors import DatasetError
 from spine_edge.export.bundle_writer import write_onnx
 from spine_edge.preprocess import letterbox
@@ -323,6 +323,7 @@ def quiet_onnxruntime() -> Iterator[None]:
 
 
 QuantTarget = Literal["tensorrt", "onnxruntime"]
+CalibrationMethodName = CalibrationMethod  # the one definition, under the name export uses
 
 
 class CalibrationImages:
