@@ -37,7 +37,7 @@ Decisions, and why:
   :data:`MAX_DECODE_BYTES`; sides are limited by :data:`MAX_SIDE` and pixels by :data:`MAX_PIXELS`.
 * **Reduced-resolution JPEG 2000.** With ``target_long_side`` (the largest model input of the
   bundle), a single-component JPEG 2000 image is decoded at the smallest wavelet resolution level
-  whose long side still covers the target (:func:`select_level`); measured on 1 500-2 800 px files,
+  whose long side still covers :data:`DECODE_COVER` times the target (:func:`select_level`); measured on 1 500-2 800 px files,
   level 1 reads about 4x faster than a full decode and level 2 15-20x. :attr:`Radiograph.scale`
   and :meth:`Radiograph.boxes_to_original` map results back to the original pixels. A level that fails to decode falls back to the next larger
   one, down to full resolution. JPEG 2000 goes through :mod:`spine_edge.j2k` (OpenJPEG by ctypes,
@@ -59,9 +59,10 @@ import stat
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -77,6 +78,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from spine_edge import j2k
 from spine_edge.errors import ImageReadError
+from spine_edge.guard import MEASURE_SIDE
 
 MAX_SIDE = 20_000
 """Largest accepted image side in pixels (a spine radiograph is about 3 000)."""
@@ -87,6 +89,13 @@ MAX_DECODE_BYTES = 512 * 1024 * 1024
 """Most memory one read may use, in bytes (512 MiB): a 40 MP 16-bit gray JPEG 2000 image costs
 about 440 MB by :func:`estimate_decode_bytes` (int32 decoder buffers, the 16-bit array, the 8-bit
 result), a 9 MP spine film about 100 MB. A read-ahead of N images needs at most N times this."""
+DECODE_COVER = 2
+"""A reduced-resolution JPEG 2000 decode keeps a long side of at least this many times the target
+(the largest model input): the letterbox then area-averages two or more decoded pixels into each
+model pixel, so the wavelet low-pass and its grid (co-sited samples, sides rounded up) barely reach
+the model. Decoding just above the target (factor 1) left the last resize to average between one
+and two pixels, which moved the demo bundle's boxes (agreement AP 0.74 against the full decode) and
+gate decisions as much as shifting the full image by one pixel does (benchmarks/decode_parity.py)."""
 STRETCH_PERCENTILES = (0.5, 99.5)
 """Percentiles mapped to 0 and 255 when an image carries no window (nearest-rank definition)."""
 
@@ -157,8 +166,12 @@ class Radiograph:
             are co-sited with the even samples of the level above, so pixel ``i`` of ``image`` is
             centred on original pixel ``i / scale`` (not on the middle of a ``1 / scale`` block);
             :meth:`boxes_to_original` accounts for that.
-        colour: The decoded colour samples ``[H, W, 3|4]`` before they became gray (RGB for DICOM, BGR(A)
-            for raster files), for the input guard's colour-photograph rule; None for gray sources.
+        colour: A thumbnail of the colour samples before they became gray, for the input guard's
+            colour-photograph rule: uint8 ``[h, w, 3]`` (RGB for DICOM, BGR for raster files, alpha
+            dropped), long side at most :data:`spine_edge.guard.MEASURE_SIDE`, made the way the guard
+            makes its own (so its measures are the same as on the full samples) and small whatever the
+            image's size, so a record waiting for the model holds no full-size colour copy that no
+            read-ahead budget counts. None for gray sources.
     """
 
     image: np.ndarray
@@ -328,8 +341,8 @@ def read_image(path: str | Path, target_long_side: int | None = None) -> Radiogr
         path: The file.
         target_long_side: The long side the caller needs (the largest model input of the bundle,
             e.g. 640). JPEG 2000 images are then decoded at the smallest resolution level whose
-            long side is at least this (see :func:`select_level`); other formats, and None, give
-            the full resolution.
+            long side is at least :data:`DECODE_COVER` times this (see :func:`select_level`); other
+            formats, and None, give the full resolution.
 
     Returns:
         The radiograph; see :class:`Radiograph` (``scale`` says how ``image`` maps to the
@@ -344,13 +357,9 @@ def read_image(path: str | Path, target_long_side: int | None = None) -> Radiogr
     Example:
         >>> radiograph = read_image("train_images/0a1b2c.dicom", target_long_side=640)
         >>> radiograph.image.shape, radiograph.source_shape, radiograph.scale
-        ((733, 586), (2932, 2344), 0.25)
+        ((1466, 1172), (2932, 2344), 0.5)
     """
-    target = _check_target(target_long_side)
-    data = _read_file(path)
-    if _is_dicom_content(data):
-        return _decode_dicom(path, data, target)
-    return _decode_raster(path, data)
+    return _plan_read(path, _check_target(target_long_side)).decode()
 
 
 def estimate_decode_bytes(path: str | Path, target_long_side: int | None = None) -> int:
@@ -378,24 +387,50 @@ def estimate_decode_bytes(path: str | Path, target_long_side: int | None = None)
         >>> estimate_decode_bytes("IM0001.dicom", target_long_side=640) < MAX_DECODE_BYTES
         True
     """
-    target = _check_target(target_long_side)
+    return _plan_read(path, _check_target(target_long_side)).cost
+
+
+@dataclass(frozen=True)
+class _PlannedRead:
+    """A file read, its header parsed and every check passed: what decoding it will cost, and the decode.
+
+    Attributes:
+        cost: Estimated peak bytes (see :func:`estimate_decode_bytes`), file bytes included.
+        decode: Decodes the file from what was already read and parsed (nothing is read or parsed again).
+    """
+
+    cost: int
+    decode: Callable[[], Radiograph]
+
+
+def _plan_read(path: str | Path, target: int | None) -> _PlannedRead:
+    """Read a file and run every check that comes before decoding; the header is parsed here, once."""
     data = _read_file(path)
     if _is_dicom_content(data):
-        return _plan_dicom(path, data, _open_dicom(path, data), target).cost
-    return _plan_raster(path, data).cost
+        ds = _open_dicom(path, data)
+        dicom = _plan_dicom(path, data, ds, target)
+        return _PlannedRead(dicom.cost, partial(_decode_dicom, path, ds, dicom))
+    raster = _plan_raster(path, data)
+    return _PlannedRead(raster.cost, partial(_decode_raster, path, data, raster))
 
 
 class DecodeBudget:
     """A byte budget shared by the threads that read images at the same time (a read-ahead).
 
     Each read reserves its :func:`estimate_decode_bytes` before decoding and returns it when the
-    decode is over (the 8-bit result it keeps is small next to the decode's peak), so however
-    many threads read, their decodes together stay within ``total_bytes``. A read whose estimate
-    is larger than the whole budget waits until nothing else is reserved and then runs alone.
+    decode is over (the 8-bit result it keeps is small next to the decode's peak, and so is the
+    colour thumbnail of :attr:`Radiograph.colour`), so however many threads read, their decodes
+    together stay within ``total_bytes``. A read whose estimate is larger than the whole budget
+    waits until nothing else is reserved and then runs alone.
+
+    :meth:`read` parses a file's header once: it reads and checks the file, and decodes it at once
+    if the budget has room for its estimate. Only when it must wait does it drop what it read first,
+    so a waiting read holds nothing, and read and check the file again once its turn comes.
 
     Args:
-        total_bytes: The most bytes reads may hold at once; at least :data:`MAX_DECODE_BYTES`, so
-            that every image the reader accepts can run.
+        total_bytes: The most bytes reads may hold at once (at least 1). Below
+            :data:`MAX_DECODE_BYTES` some images the reader accepts cost more than the whole
+            budget: each of those runs alone.
 
     Example:
         >>> budget = DecodeBudget(1024 * 2**20)
@@ -404,8 +439,8 @@ class DecodeBudget:
     """
 
     def __init__(self, total_bytes: int) -> None:
-        if total_bytes < MAX_DECODE_BYTES:
-            raise ValueError(f"total_bytes must be at least MAX_DECODE_BYTES ({MAX_DECODE_BYTES}), got {total_bytes}")
+        if isinstance(total_bytes, bool) or total_bytes < 1:
+            raise ValueError(f"total_bytes must be a positive number of bytes, got {total_bytes!r}")
         self.total_bytes = total_bytes
         self._reserved = 0
         self._peak = 0
@@ -417,28 +452,53 @@ class DecodeBudget:
         with self._condition:
             return self._peak
 
+    def _fits(self, nbytes: int) -> bool:
+        return self._reserved == 0 or self._reserved + nbytes <= self.total_bytes
+
+    def _take(self, nbytes: int) -> None:
+        self._reserved += nbytes
+        self._peak = max(self._peak, self._reserved)
+
+    def _give(self, nbytes: int) -> None:
+        with self._condition:
+            self._reserved -= nbytes
+            self._condition.notify_all()
+
     @contextmanager
     def reserve(self, nbytes: int) -> Iterator[None]:
         """Hold ``nbytes`` of the budget for the duration of the block, waiting until they fit."""
         with self._condition:
-            self._condition.wait_for(lambda: self._reserved == 0 or self._reserved + nbytes <= self.total_bytes)
-            self._reserved += nbytes
-            self._peak = max(self._peak, self._reserved)
+            self._condition.wait_for(lambda: self._fits(nbytes))
+            self._take(nbytes)
         try:
             yield
         finally:
-            with self._condition:
-                self._reserved -= nbytes
-                self._condition.notify_all()
+            self._give(nbytes)
 
     def read(self, path: str | Path, target_long_side: int | None = None) -> Radiograph:
-        """:func:`read_image` within the budget.
+        """:func:`read_image` within the budget, the header parsed once unless the read has to wait.
 
         Raises:
             ImageReadError: As :func:`read_image` (a refusal costs no reservation).
         """
-        with self.reserve(estimate_decode_bytes(path, target_long_side)):
-            return read_image(path, target_long_side)
+        target = _check_target(target_long_side)
+        planned = _plan_read(path, target)
+        with self._condition:
+            fits = self._fits(planned.cost)
+            if fits:
+                self._take(planned.cost)
+        if fits:
+            try:
+                return planned.decode()
+            finally:
+                self._give(planned.cost)
+        while True:
+            cost = planned.cost
+            del planned  # a waiting read holds no file bytes or parsed header
+            with self.reserve(cost):
+                planned = _plan_read(path, target)  # the file may have changed while this read waited
+                if planned.cost <= cost:
+                    return planned.decode()
 
 
 def select_level(rows: int, columns: int, levels: int, target_long_side: int | None) -> int:
@@ -498,7 +558,10 @@ def read_dicom(path: str | Path, target_long_side: int | None = None) -> Radiogr
         ImageReadError: See :func:`read_image`; the hint names the decoder plugin to install when
             the transfer syntax cannot be decoded here.
     """
-    return _decode_dicom(path, _read_file(path), _check_target(target_long_side))
+    target = _check_target(target_long_side)
+    data = _read_file(path)
+    ds = _open_dicom(path, data)
+    return _decode_dicom(path, ds, _plan_dicom(path, data, ds, target))
 
 
 def read_raster(path: str | Path) -> Radiograph:
@@ -516,7 +579,8 @@ def read_raster(path: str | Path) -> Radiograph:
     Raises:
         ImageReadError: See :func:`read_image`.
     """
-    return _decode_raster(path, _read_file(path))
+    data = _read_file(path)
+    return _decode_raster(path, data, _plan_raster(path, data))
 
 
 def _check_target(target_long_side: int | None) -> int | None:
@@ -741,7 +805,8 @@ def _plan_dicom(path: str | Path, data: bytes, ds: Dataset, target: int | None) 
     pixels = rows * columns
     # The file's bytes, plus pydicom's copy of the Pixel Data value.
     held = _FIXED_BYTES + len(data) + len(ds.PixelData)
-    gray_cost = pixels * (sample_bytes + 1) if samples == 3 else 0  # colour to gray, then to 8 bits
+    # Colour to gray, then to 8 bits, and the 8-bit copy the guard's colour thumbnail is made from.
+    gray_cost = pixels * (sample_bytes + 1 + 3) if samples == 3 else 0
     if not uid.is_compressed:
         _check_native_length(path, ds)
         cost = held + pixels * samples * sample_bytes + gray_cost + pixels
@@ -751,7 +816,8 @@ def _plan_dicom(path: str | Path, data: bytes, ds: Dataset, target: int | None) 
         info = _codestream_info(path, frame)
         _check_codestream(path, ds, info)
         direct = samples == 1 and j2k.decoder_available() and info.signed[0] == bool(int(ds.PixelRepresentation))
-        level = select_level(rows, columns, info.levels, target) if direct else 0
+        cover = None if target is None else DECODE_COVER * target
+        level = select_level(rows, columns, info.levels, cover) if direct else 0
         held += 2 * len(frame)  # the joined fragments, and OpenJPEG's stream buffer of the same size
         full = held + pixels * samples * (_J2K_WORK_BYTES_PER_SAMPLE + sample_bytes) + gray_cost + pixels
         _check_cost(path, full, f"this {rows} x {columns} JPEG 2000 image")
@@ -785,9 +851,8 @@ def _plan_dicom(path: str | Path, data: bytes, ds: Dataset, target: int | None) 
     return _DicomPlan(codestream=None, level=0, cost=_check_cost(path, cost, f"this {rows} x {columns} image"))
 
 
-def _decode_dicom(path: str | Path, data: bytes, target: int | None) -> Radiograph:
-    ds = _open_dicom(path, data)
-    plan = _plan_dicom(path, data, ds, target)
+def _decode_dicom(path: str | Path, ds: Dataset, plan: _DicomPlan) -> Radiograph:
+    """Decode a DICOM image that :func:`_open_dicom` parsed and :func:`_plan_dicom` checked."""
     rows, columns = int(ds.Rows), int(ds.Columns)
     level = 0
     if plan.codestream is not None:
@@ -815,7 +880,7 @@ def _decode_dicom(path: str | Path, data: bytes, target: int | None) -> Radiogra
         windowing=windowing,
         level=level,
         scale=1.0 / (1 << level),
-        colour=arr if arr.ndim == 3 else None,
+        colour=_colour_thumbnail(arr) if arr.ndim == 3 else None,
     )
 
 
@@ -1181,8 +1246,9 @@ def _plan_raster(path: str | Path, data: bytes) -> _RasterPlan:
     variable = decoded + pixels  # OpenCV's array and the 8-bit result
     if header.channels > 1:
         # Measured: OpenCV decodes colour into a buffer of its own and converts it into the array
-        # it returns (twice the decoded size at its peak), then the gray conversion.
-        variable += decoded + pixels * header.sample_bytes
+        # it returns (twice the decoded size at its peak), then the gray conversion; then the
+        # guard's 8-bit, 3-channel copy that its thumbnail is made from.
+        variable += decoded + pixels * header.sample_bytes + pixels * 3
     if header.sample_bytes > 2:  # float path: float32 copy, float64 unit, percentile copies
         variable += pixels * header.channels * 4 + pixels * 24
     if header.progressive:
@@ -1193,8 +1259,8 @@ def _plan_raster(path: str | Path, data: bytes) -> _RasterPlan:
     return _RasterPlan(fmt=fmt, header=header, cost=cost)
 
 
-def _decode_raster(path: str | Path, data: bytes) -> Radiograph:
-    plan = _plan_raster(path, data)
+def _decode_raster(path: str | Path, data: bytes, plan: _RasterPlan) -> Radiograph:
+    """Decode a raster file that :func:`_plan_raster` checked."""
     fmt, header = plan.fmt, plan.header
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if decoded is None:
@@ -1228,8 +1294,33 @@ def _decode_raster(path: str | Path, data: bytes) -> Radiograph:
         original_dtype=original_dtype,
         source_shape=(int(image.shape[0]), int(image.shape[1])),
         windowing=windowing,
-        colour=decoded if channels in (3, 4) else None,
+        colour=_colour_thumbnail(decoded) if channels in (3, 4) else None,
     )
+
+
+def _colour_thumbnail(colour: np.ndarray) -> np.ndarray:
+    """The guard's view of colour samples: uint8, alpha dropped, long side at most MEASURE_SIDE.
+
+    The same steps as :func:`spine_edge.guard.measure_image` takes on full samples (scale to 8
+    bits by the peak, then an area-averaged thumbnail), so measuring this copy gives the same
+    numbers: the guard's own thumbnail of it is itself.
+    """
+    rgb = colour[..., :3]
+    if rgb.dtype != np.uint8:
+        peak = float(rgb.max(initial=0))
+        factor = np.float32(255.0 / peak if peak > 0 else 0.0)
+        scaled = np.empty(rgb.shape, np.uint8)
+        rows = max(1, _HISTOGRAM_CHUNK // max(1, rgb.shape[1] * 3))  # a float32 copy of a few rows at a time
+        for top in range(0, rgb.shape[0], rows):
+            scaled[top : top + rows] = rgb[top : top + rows].astype(np.float32) * factor
+        rgb = scaled
+    h, w = rgb.shape[:2]
+    factor = MEASURE_SIDE / max(h, w)
+    if factor >= 1:
+        return np.ascontiguousarray(rgb)
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    thumbnail: np.ndarray = cv2.resize(np.ascontiguousarray(rgb), size, interpolation=cv2.INTER_AREA)
+    return thumbnail
 
 
 def _raster_failure(data: bytes, fmt: str | None) -> str:

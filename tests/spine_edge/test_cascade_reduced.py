@@ -1,7 +1,8 @@
 """The cascade decodes JPEG 2000 at the resolution its models use and reports boxes in original pixels.
 
-A 1400 x 1100 JPEG 2000 DICOM (lossless, 5 levels) through the tiny bundle with a 384 px detector:
-the cascade asks the reader for a 384 px long side, so the image decodes at level 1 (700 x 550).
+A 1400 x 1100 JPEG 2000 DICOM (lossless, 5 levels) through the tiny bundle with a 320 px detector:
+the cascade asks the reader for a 320 px long side, which keeps twice that (``DECODE_COVER``), so the
+image decodes at level 1 (700 x 550).
 The same file decoded at full size must give the same decision and the same boxes within a few
 original pixels.
 """
@@ -13,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import spine_edge.cascade
 from spine_edge import j2k
 from spine_edge.cascade import Cascade, CascadeConfig
-from spine_edge.imageio import Radiograph, read_image
+from spine_edge.imageio import Radiograph
 from spine_edge.results import CascadeResult, decode_scale
 from tests.spine_edge.bundle_factory import make_bundle
 from tests.spine_edge.dicom_factory import write_test_dicom
@@ -24,9 +24,9 @@ from tests.spine_edge.dicom_factory import write_test_dicom
 pytestmark = pytest.mark.skipif(not j2k.decoder_available(), reason="no libopenjp2 found for spine_edge.j2k")
 
 H, W = 1400, 1100
-DETECTOR_SIZE = 384
+DETECTOR_SIZE = 320
 #: The bright plate, in original pixels: it covers detector cell (row 1, column 1) of the 4 x 4 grid
-#: (canvas 96-192 at scale 384/1400, 41 px of padding left and right: x 200-551, y 350-700).
+#: (canvas 80-160 at scale 320/1400, 34 px of padding left and right: x 201-551, y 350-700).
 PLATE = (180, 330, 580, 720)
 MODEL = {"precision": "fp32", "backend": "onnxruntime", "provider": "cpu", "guard": False, "threads": 1}
 
@@ -99,19 +99,16 @@ def test_boxes_drawn_on_the_reduced_image_are_scaled_to_it(bundle: Path, radiogr
 def test_the_budget_and_the_reader_are_asked_for_the_same_long_side(
     bundle: Path, radiograph: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    asked: list[tuple[str, int | None]] = []
-    real_estimate = spine_edge.cascade.estimate_decode_bytes
+    import spine_edge.imageio
 
-    def estimate(path: Path, target_long_side: int | None = None) -> int:
-        asked.append(("estimate", target_long_side))
-        return real_estimate(path, target_long_side)
+    asked: list[int | None] = []
+    real_plan = spine_edge.imageio._plan_read
 
-    def read(path: Path, target_long_side: int | None = None) -> Radiograph:
-        asked.append(("read", target_long_side))
-        return read_image(path, target_long_side)
+    def plan(path: Path, target: int | None) -> object:
+        asked.append(target)  # one plan per read: its cost and its decode come from the same long side
+        return real_plan(path, target)
 
-    monkeypatch.setattr(spine_edge.cascade, "estimate_decode_bytes", estimate)
-    monkeypatch.setattr(spine_edge.cascade, "read_image", read)
+    monkeypatch.setattr(spine_edge.imageio, "_plan_read", plan)
     with Cascade.from_config(CascadeConfig(bundle=bundle, **MODEL)) as cascade:  # type: ignore[arg-type]
         assert [r.ok for r in cascade.predict_many([radiograph, radiograph])] == [True, True]
-    assert sorted(asked) == [("estimate", DETECTOR_SIZE)] * 2 + [("read", DETECTOR_SIZE)] * 2
+    assert asked == [DETECTOR_SIZE] * 2

@@ -129,12 +129,12 @@ def test_estimate_counts_samples_and_bytes(tmp_path: Path) -> None:
     pixels = H * W
     fixed = imageio._FIXED_BYTES
     assert estimate_decode_bytes(gray8) == fixed + gray8.stat().st_size + pixels * (1 + 1) * 11 // 10
-    # Four 16-bit channels twice (OpenCV's own buffer and its result), the 16-bit gray conversion
-    # and the 8-bit result, with the 10% margin.
-    rgba_cost = fixed + rgba16.stat().st_size + pixels * (2 * 4 * 2 + 2 + 1) * 11 // 10
+    # Four 16-bit channels twice (OpenCV's own buffer and its result), the 16-bit gray conversion,
+    # the 8-bit result and the guard's 8-bit colour copy, with the 10% margin.
+    rgba_cost = fixed + rgba16.stat().st_size + pixels * (2 * 4 * 2 + 2 + 1 + 3) * 11 // 10
     assert estimate_decode_bytes(rgba16) == rgba_cost
     j2k_path = write_test_dicom(tmp_path / "j.dcm", pixels12(), transfer_syntax="jpeg2000-lossless")
-    assert estimate_decode_bytes(j2k_path, target_long_side=W // 2) < estimate_decode_bytes(j2k_path)
+    assert estimate_decode_bytes(j2k_path, target_long_side=W // 4) < estimate_decode_bytes(j2k_path)
 
 
 def test_radiograph_sized_images_fit_the_budget() -> None:
@@ -374,12 +374,12 @@ def test_decode_budget_holds_concurrent_reservations_within_its_total() -> None:
 def test_decode_budget_reads_and_releases(tmp_path: Path) -> None:
     budget = imageio.DecodeBudget(imageio.MAX_DECODE_BYTES)
     path = write_test_dicom(tmp_path / "a.dcm", pixels12(), transfer_syntax="jpeg2000-lossless")
-    assert budget.read(path, target_long_side=W // 2).scale == 0.5
-    assert budget.peak_reserved == estimate_decode_bytes(path, W // 2)
+    assert budget.read(path, target_long_side=W // 4).scale == 0.5
+    assert budget.peak_reserved == estimate_decode_bytes(path, W // 4)
     with budget.reserve(imageio.MAX_DECODE_BYTES):  # nothing is left reserved by the read
         pass
-    with pytest.raises(ValueError, match="at least"):
-        imageio.DecodeBudget(1)
+    with pytest.raises(ValueError, match="positive"):
+        imageio.DecodeBudget(0)
 
 
 def test_deflated_data_set_that_inflates_past_the_budget_is_refused(
@@ -391,3 +391,69 @@ def test_deflated_data_set_that_inflates_past_the_budget_is_refused(
     assert read_image(path).image.shape == (256, 256)
     monkeypatch.setattr(imageio, "MAX_DECODE_BYTES", 2 * path.stat().st_size + 2 * 65536)
     refused(path, "deflated", "refused before inflating")
+
+
+def _count_header_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    parsed: list[str] = []
+    real = imageio._open_dicom
+
+    def counting(path: str | Path, data: bytes) -> pydicom.Dataset:
+        parsed.append(str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(imageio, "_open_dicom", counting)
+    return parsed
+
+
+@needs_openjpeg
+def test_a_budgeted_read_parses_the_header_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_test_dicom(tmp_path / "a.dcm", pixels12(), transfer_syntax="jpeg2000-lossless")
+    expected = read_image(path, W // 4).image
+    parsed = _count_header_parses(monkeypatch)
+    budget = imageio.DecodeBudget(imageio.MAX_DECODE_BYTES)
+    np.testing.assert_array_equal(budget.read(path, W // 4).image, expected)
+    assert parsed == [str(path)]  # read, checked, estimated and decoded from one parse
+    assert budget.peak_reserved == estimate_decode_bytes(path, W // 4)
+    with pytest.raises(ImageReadError):  # a refusal still costs no reservation
+        budget.read(tmp_path / "missing.dcm")
+
+
+@needs_openjpeg
+def test_a_read_that_must_wait_holds_nothing_and_checks_the_file_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_test_dicom(tmp_path / "a.dcm", pixels12(), transfer_syntax="jpeg2000-lossless")
+    parsed = _count_header_parses(monkeypatch)
+    budget = imageio.DecodeBudget(estimate_decode_bytes(path))
+    parsed.clear()
+    out: list[imageio.Radiograph] = []
+    with budget.reserve(1):  # another read in flight leaves too little room
+        reader = threading.Thread(target=lambda: out.append(budget.read(path)))
+        reader.start()
+        for _ in range(1000):  # until it has parsed once and found no room
+            if parsed:
+                break
+            threading.Event().wait(0.01)
+        reader.join(0.2)
+        assert reader.is_alive() and not out and parsed == [str(path)]  # waiting, its first parse dropped
+    reader.join(10)
+    assert out and out[0].image.shape == (H, W) and parsed == [str(path)] * 2
+    assert budget.peak_reserved == estimate_decode_bytes(path)
+
+
+@pytest.mark.parametrize("depth", [np.uint8, np.uint16])
+def test_the_colour_copy_is_the_guards_thumbnail(tmp_path: Path, depth: type) -> None:
+    from spine_edge.guard import MEASURE_SIDE, measure_image
+
+    rng = np.random.default_rng(3)
+    scale = 255 if depth is np.uint8 else 65535
+    colour = (rng.random((600, 900, 3)) * scale).astype(depth)
+    colour[100:300, 200:700] = (0, 0, scale)  # a saturated red block among noisy colour
+    path = encode(tmp_path / f"c{np.dtype(depth).itemsize}.png", colour)
+    radiograph = read_image(path)
+    assert radiograph.colour is not None and radiograph.colour.dtype == np.uint8
+    assert radiograph.colour.shape == (round(600 * MEASURE_SIDE / 900), MEASURE_SIDE, 3)
+    # The guard measures the kept thumbnail exactly as it measured the full colour samples.
+    full = measure_image(radiograph.image, colour)
+    kept = measure_image(radiograph.image, radiograph.colour)
+    assert (kept.colour_fraction, kept.median_chroma) == (full.colour_fraction, full.median_chroma)

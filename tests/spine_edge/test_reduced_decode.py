@@ -17,6 +17,8 @@ from spine_edge.preprocess import letterbox
 from tests.spine_edge.dicom_factory import build_test_dataset, write_test_dicom
 
 H, W = 200, 296  # levels: 100x148, 50x74, 25x37, ...
+# The reader keeps DECODE_COVER (2) times the target: W // 4 decodes at level 1, 32 at level 2.
+HALF, QUARTER = W // 4, 32
 BOX = (60, 40, 180, 120)  # x0, y0, x1, y1 of a bright plate, in original pixels
 
 pytestmark = pytest.mark.skipif(not j2k.decoder_available(), reason="no libopenjp2 found for spine_edge.j2k")
@@ -78,8 +80,8 @@ def test_full_decode_equals_pydicom(j2k_file: Path, monkeypatch: pytest.MonkeyPa
 
 def test_reduced_read_has_level_scale_and_original_shape(j2k_file: Path) -> None:
     full = read_image(j2k_file)
-    half = read_image(j2k_file, target_long_side=W // 2)
-    quarter = read_image(j2k_file, target_long_side=64)
+    half = read_image(j2k_file, target_long_side=HALF)
+    quarter = read_image(j2k_file, target_long_side=QUARTER)
     assert (full.level, full.scale, full.image.shape) == (0, 1.0, (H, W))
     assert (half.level, half.scale, half.image.shape) == (1, 0.5, (100, 148))
     assert (quarter.level, quarter.scale, quarter.image.shape) == (2, 0.25, (50, 74))
@@ -90,7 +92,7 @@ def test_reduced_read_has_level_scale_and_original_shape(j2k_file: Path) -> None
 def test_reduced_decode_matches_full_decode_downscaled(j2k_file: Path) -> None:
     # Level r is the wavelet low-pass: a smoothed image sampled at every 2**r-th original pixel.
     full = read_image(j2k_file).image.astype(np.float32)
-    for target, level in ((W // 2, 1), (64, 2)):
+    for target, level in ((HALF, 1), (QUARTER, 2)):
         reduced = read_image(j2k_file, target_long_side=target)
         assert reduced.level == level
         step = 1 << level
@@ -100,7 +102,7 @@ def test_reduced_decode_matches_full_decode_downscaled(j2k_file: Path) -> None:
 
 
 def test_boxes_from_a_reduced_decode_map_back_to_original_pixels(j2k_file: Path) -> None:
-    reduced = read_image(j2k_file, target_long_side=64)
+    reduced = read_image(j2k_file, target_long_side=QUARTER)
     canvas, placement = letterbox(reduced.image, 96)
     ys, xs = np.nonzero(canvas >= 240)  # the plate, as a detector would box it on the canvas
     canvas_box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32)
@@ -130,7 +132,7 @@ def test_a_failing_level_falls_back_to_the_next_larger(j2k_file: Path, monkeypat
         return real(data, reduce, dtype)  # type: ignore[arg-type]
 
     monkeypatch.setattr(j2k, "decode", flaky)
-    rad = read_image(j2k_file, target_long_side=64)
+    rad = read_image(j2k_file, target_long_side=QUARTER)
     assert attempts == [2, 1] and (rad.level, rad.scale, rad.image.shape) == (1, 0.5, (100, 148))
 
 
@@ -140,19 +142,19 @@ def test_when_every_level_fails_the_reason_lists_them(j2k_file: Path, monkeypatc
 
     monkeypatch.setattr(j2k, "decode", broken)
     with pytest.raises(ImageReadError) as info:
-        read_image(j2k_file, target_long_side=W // 2)
+        read_image(j2k_file, target_long_side=HALF)
     assert "level 1: decoding failed at 1; level 0: decoding failed at 0" in info.value.reason
     assert "damaged or truncated" in info.value.reason
 
 
 def test_without_libopenjp2_the_full_resolution_path_is_used(j2k_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(j2k, "decoder_available", lambda: False)
-    rad = read_image(j2k_file, target_long_side=64)
+    rad = read_image(j2k_file, target_long_side=QUARTER)
     assert (rad.level, rad.scale, rad.image.shape) == (0, 1.0, (H, W))
 
 
 def test_other_formats_ignore_the_target(tmp_path: Path) -> None:
-    native = read_image(write_test_dicom(tmp_path / "n.dcm", phantom(), window=(2000, 4000)), target_long_side=64)
+    native = read_image(write_test_dicom(tmp_path / "n.dcm", phantom(), window=(2000, 4000)), target_long_side=QUARTER)
     assert (native.level, native.scale, native.image.shape) == (0, 1.0, (H, W))
 
 

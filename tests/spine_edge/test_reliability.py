@@ -410,27 +410,30 @@ def test_the_read_ahead_holds_at_most_its_byte_budget_in_flight(
     import threading
 
     import spine_edge.cascade
+    import spine_edge.imageio
     from spine_edge.cascade import Cascade
 
     folder = _folder(tmp_path, count=8)
     active, peak, lock = [0], [0], threading.Lock()
-    real_read = spine_edge.cascade.read_image
+    real_plan = spine_edge.imageio._plan_read
 
-    def slow_read(path: Path, target_long_side: int | None = None) -> object:
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        time.sleep(0.05)
-        try:
-            return real_read(path, target_long_side)
-        finally:
+    def costly_plan(path: Path, target: int | None) -> object:
+        planned = real_plan(path, target)
+
+        def slow_decode() -> object:
             with lock:
-                active[0] -= 1
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            time.sleep(0.05)
+            try:
+                return planned.decode()
+            finally:
+                with lock:
+                    active[0] -= 1
 
-    monkeypatch.setattr(spine_edge.cascade, "read_image", slow_read)
-    monkeypatch.setattr(
-        spine_edge.cascade, "estimate_decode_bytes", lambda path, target_long_side=None: 600
-    )  # as if 600 bytes each
+        return spine_edge.imageio._PlannedRead(600, slow_decode)  # as if each decode held 600 bytes
+
+    monkeypatch.setattr(spine_edge.imageio, "_plan_read", costly_plan)
     paths = sorted(folder.glob("*.png"))
 
     def peak_reads(budget: int) -> int:
