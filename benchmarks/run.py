@@ -81,6 +81,7 @@ from spine_edge.benchmarks.latency import (
     time_cascade,
     time_model,
 )
+from spine_edge.benchmarks.overlap import measure_overlap
 from spine_edge.benchmarks.progress import progress_bar
 from spine_edge.benchmarks.results import BenchReport, PrecisionBench, check_gates
 from spine_edge.benchmarks.synthetic import REAL_SIZES, write_synthetic_radiographs
@@ -501,6 +502,12 @@ def run_bench(config: BenchConfig) -> BenchReport:
             with _timed(phases, "synthetic images"):
                 paths, data_info, synthetic_note = _synthetic_inputs(config, Path(tmp))
             notes.append(synthetic_note)
+        with _timed(phases, "overlap"):
+            overlap = measure_overlap(
+                replace(config.cascade, precision=REFERENCE, backend=cast(BackendChoice, plan.backend)), paths
+            )
+        data_info["overlap"] = overlap.to_dict()
+        notes += overlap.notes()
         images = _sample_images(paths)
         canvases = _canvases(manifest, images)
         gflops, flop_notes = _flops(manifest, bundle)

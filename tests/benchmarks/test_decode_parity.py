@@ -30,7 +30,7 @@ def _plate(rows: int, columns: int, box: tuple[int, int, int, int]) -> np.ndarra
 
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory: pytest.TempPathFactory) -> DecodeParity:
-    bundle = make_bundle(tmp_path_factory.mktemp("bundle"), classifier_size=64, detector_size=384)
+    bundle = make_bundle(tmp_path_factory.mktemp("bundle"), classifier_size=64, detector_size=320)
     folder = tmp_path_factory.mktemp("split")
     paths = [
         write_test_dicom(folder / "a.dcm", _plate(1400, 1100, (180, 330, 580, 720)), window=(2048, 4096),
@@ -49,7 +49,7 @@ def parity(tmp_path_factory: pytest.TempPathFactory) -> DecodeParity:
 
 
 def test_reduced_decode_agrees_with_the_full_decode(parity: DecodeParity) -> None:
-    assert (parity.images, parity.failed, parity.long_side) == (3, 1, 384)
+    assert (parity.images, parity.failed, parity.long_side) == (3, 1, 320)
     assert parity.reduced_images == 2 and parity.factors == {2: 2, 1: 1}  # both JPEG 2000 files at level 1
     assert parity.full.decoded_sizes == ((1400, 1100), (1100, 1400), (500, 400))
     assert parity.reduced.decoded_sizes == ((700, 550), (550, 700), (500, 400))
@@ -60,8 +60,33 @@ def test_reduced_decode_agrees_with_the_full_decode(parity: DecodeParity) -> Non
     assert record["gate_flips"] == 0 and record["meets_targets"] is True and record["factors"] == {"1": 1, "2": 2}
     assert record["read_ms_full"] > 0 and record["read_ms_reduced"] > 0
     notes = parity.notes()
-    assert notes[0].startswith("decode parity: 2 of 3 images decoded below full size for a 384 px long side")
-    assert any("1 image(s) could not be read" in n for n in notes) and not any("MISSED" in n for n in notes)
+    assert notes[0].startswith("decode parity: 2 of 3 images decoded below full size for a 320 px long side")
+    assert any("1 image(s) not ok in one of the passes" in n for n in notes) and not any("MISSED" in n for n in notes)
+    # The left-out image is named with what each pass made of it, the reader's reason included.
+    ((path, full, reduced),) = parity.left_out
+    assert path.endswith("missing.dcm") and full == reduced == "error: file does not exist (check the path)"
+    assert any(
+        n.startswith("decode parity: left out ") and "missing.dcm" in n and "file does not exist" in n for n in notes
+    )
+    assert record["left_out"][0]["full"].startswith("error: file does not exist") and record["refusal_flips"] == 0
+    assert sum(c["boxes_full"] for c in record["per_class"]) == record["boxes_full"]
+
+
+def test_an_image_refused_by_one_pass_only_is_a_gate_flip(parity: DecodeParity) -> None:
+    changed = replace(parity, refusal_flips=1)
+    assert changed.gate_flips == parity.classifier.flips + 1 and not changed.meets_targets
+    assert changed.to_dict()["gate_flips"] == changed.gate_flips
+
+
+def test_outcome_words_each_status() -> None:
+    from spine_edge.benchmarks.decode_parity import _outcome
+    from spine_edge.guard import Refusal
+    from spine_edge.results import CascadeResult
+
+    stamp = {"threshold": 0.5, "bundle_id": "b", "precision": "fp32", "backend": "onnxruntime"}
+    refused = CascadeResult(source="x", status="refused", refusal=Refusal("out_of_distribution", "unlike"), **stamp)  # type: ignore[arg-type]
+    assert _outcome(refused) == "refused (out_of_distribution): unlike"
+    assert _outcome(CascadeResult(source="x", status="error", error="cut", **stamp)) == "error: cut"  # type: ignore[arg-type]
 
 
 def test_a_gate_flip_misses_the_targets_and_says_so(parity: DecodeParity) -> None:
@@ -73,5 +98,5 @@ def test_a_gate_flip_misses_the_targets_and_says_so(parity: DecodeParity) -> Non
 
 def test_report_renders_the_parity_row(parity: DecodeParity) -> None:
     table = "\n".join(_decode_parity_table(SimpleNamespace(data={"decode_parity": parity.to_dict()})))  # type: ignore[arg-type]
-    assert "Box AP vs full" in table and "| 2 / 3 | 384 |" in table and "| pass |" in table
+    assert "Box AP vs full" in table and "| 2 / 3 | 320 |" in table and "| pass |" in table
     assert _decode_parity_table(SimpleNamespace(data={})) == []  # type: ignore[arg-type]
