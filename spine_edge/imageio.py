@@ -62,9 +62,9 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast, get_args
 
 import cv2
 import numpy as np
@@ -76,7 +76,7 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi
 from pydicom.pixels.utils import get_expected_length, pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from spine_edge import j2k
+from spine_edge import j2k, nvj2k
 from spine_edge.errors import ImageReadError
 from spine_edge.guard import MEASURE_SIDE
 
@@ -501,6 +501,20 @@ class DecodeBudget:
                     return planned.decode()
 
 
+J2K_DECODER_ENV = "SPINE_EDGE_J2K_DECODER"
+"""Environment variable choosing the JPEG 2000 decoder: ``auto`` (default: the GPU where
+:mod:`spine_edge.nvj2k` can run, else OpenJPEG), ``cpu`` or ``gpu``."""
+
+
+@cache
+def j2k_decoder() -> nvj2k.DecoderChoice:
+    """The JPEG 2000 decoder of this process, chosen once from :data:`J2K_DECODER_ENV` (the reason is logged)."""
+    prefer = os.environ.get(J2K_DECODER_ENV, "auto").strip().lower() or "auto"
+    if prefer not in get_args(nvj2k.DecoderPreference):
+        raise ValueError(f"${J2K_DECODER_ENV} must be auto, cpu or gpu, not {prefer!r}")
+    return nvj2k.choose_decoder(cast(nvj2k.DecoderPreference, prefer))
+
+
 def select_level(rows: int, columns: int, levels: int, target_long_side: int | None) -> int:
     """Choose the JPEG 2000 resolution level to decode for a target long side.
 
@@ -815,7 +829,8 @@ def _plan_dicom(path: str | Path, data: bytes, ds: Dataset, target: int | None) 
     if uid in _J2K_SYNTAXES:
         info = _codestream_info(path, frame)
         _check_codestream(path, ds, info)
-        direct = samples == 1 and j2k.decoder_available() and info.signed[0] == bool(int(ds.PixelRepresentation))
+        decoder = j2k_decoder()
+        direct = samples == 1 and decoder.decoder_available() and info.signed[0] == bool(int(ds.PixelRepresentation))
         cover = None if target is None else DECODE_COVER * target
         level = select_level(rows, columns, info.levels, cover) if direct else 0
         held += 2 * len(frame)  # the joined fragments, and OpenJPEG's stream buffer of the same size
@@ -823,6 +838,9 @@ def _plan_dicom(path: str | Path, data: bytes, ds: Dataset, target: int | None) 
         _check_cost(path, full, f"this {rows} x {columns} JPEG 2000 image")
         reduced_rows, reduced_columns = info.reduced_shape(level)
         cost = held + reduced_rows * reduced_columns * (_J2K_WORK_BYTES_PER_SAMPLE + sample_bytes + 1)
+        if decoder.kind == "gpu":  # it decodes full size, then reduces on the host (spine_edge.nvj2k)
+            gpu_bytes = nvj2k.decode_bytes(info, level, np.dtype(f"u{sample_bytes}"))
+            cost = max(cost, held + gpu_bytes + reduced_rows * reduced_columns)
         return _DicomPlan(codestream=frame if direct else None, level=level, cost=cost if direct else full)
     if uid in _JPEG_SYNTAXES:
         header = _jpeg_header(frame)
@@ -910,14 +928,23 @@ def _pydicom_pixels(path: str | Path, ds: Dataset, rows: int, columns: int) -> n
 
 
 def _decode_j2k_levels(path: str | Path, ds: Dataset, codestream: bytes, level: int) -> tuple[np.ndarray, int]:
-    """Decode at ``level``; if OpenJPEG fails there, at each larger level down to full resolution."""
+    """Decode at ``level``; if that fails, at each larger level down to full resolution.
+
+    The GPU decoder (:func:`j2k_decoder`) is tried first where chosen, then OpenJPEG: nvJPEG2000
+    refuses some codestreams OpenJPEG decodes (an image origin other than 0, more than 16 bits).
+    """
     dtype = np.dtype(f"{'i' if int(ds.PixelRepresentation) else 'u'}{int(ds.BitsAllocated) // 8}")
+    chosen = j2k_decoder()
+    # The GPU decodes every level from the full image, so one attempt tells; OpenJPEG then tries each level.
+    plan = [(chosen, [level]), (nvj2k.DecoderChoice("cpu", "after the GPU decoder"), list(range(level, -1, -1)))]
     failures: list[str] = []
-    for attempt in range(level, -1, -1):
-        try:
-            return j2k.decode(codestream, attempt, dtype), attempt
-        except j2k.DecodeError as exc:
-            failures.append(f"level {attempt}: {exc}" if level else str(exc))
+    for decoder, attempts in plan if chosen.kind == "gpu" else [(chosen, list(range(level, -1, -1)))]:
+        for attempt in attempts:
+            try:
+                return decoder.decode(codestream, attempt, dtype), attempt
+            except j2k.DecodeError as exc:
+                said = f"level {attempt}: {exc}" if level else str(exc)
+                failures.append(f"{decoder.kind} {said}" if chosen.kind == "gpu" else said)
     raise ImageReadError(
         path,
         f"JPEG 2000 pixel data cannot be decoded ({'; '.join(failures)}); the pixel data is damaged or truncated",
