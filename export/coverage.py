@@ -252,3 +252,47 @@ def count_int8_coverage(int8_path: Path, fp32_path: Path) -> Int8Coverage:
         activation_qdq=activation_qdq,
         counted_from=f"onnxruntime {ort.__version__} CPUExecutionProvider, ORT_ENABLE_ALL, optimized_model_filepath",
     )
+
+
+def count_tensorrt_int8_coverage(int8_path: Path, fp32_path: Path) -> Int8Coverage:
+    """Count the INT8 share of a TensorRT-target Q/DQ graph by TensorRT's explicit-quantisation rule.
+
+    ONNX Runtime's CPU optimiser is the wrong judge of this graph: its integer convolutions want
+    int32 biases, the TensorRT graph has float ones, so ONNX Runtime fuses almost none of it (the
+    demo detector: 1.9 %). TensorRT fuses a convolution or matmul whose data input comes from a
+    DequantizeLinear of an activation and whose weight from a DequantizeLinear of int8 constants into
+    an INT8 kernel (adding the float bias and the pointwise ops after it in that kernel); a layer that
+    reads a float input or float weights (what :func:`spine_edge.export.precision.keep_float` makes)
+    runs in the graph's float type. That rule is applied to the graph itself; a built engine's layer
+    information (``trtexec --exportLayerInfo``) is what confirms it on a GPU.
+
+    Args:
+        int8_path: The TensorRT-target Q/DQ graph (FP16 or FP32 body).
+        fp32_path: The FP32 graph it was quantised from (FLOPs per node, by name).
+    """
+    model = onnx.load(str(int8_path))
+    flops = layer_flops(onnx.load(str(fp32_path)))
+    constants = {t.name for t in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+
+    def dequantised(name: str, constant: bool) -> bool:
+        node = producer.get(name)
+        return node is not None and node.op_type == "DequantizeLinear" and (node.input[0] in constants) == constant
+
+    int8 = {
+        node.name
+        for node in model.graph.node
+        if node.op_type in WEIGHTED_OPS
+        and len(node.input) > 1
+        and dequantised(node.input[0], constant=False)
+        and dequantised(node.input[1], constant=True)
+    }
+    return Int8Coverage(
+        layers=tuple(
+            LayerKernel(name, "int8 (TensorRT Q/DQ fusion)" if name in int8 else "float", value, name in int8)
+            for name, value in flops.items()
+        ),
+        float_ops=(),
+        counted_from="TensorRT explicit-quantisation rule on the graph (input and weights from DequantizeLinear); "
+        "a lower-precision engine's layer information confirms it on a GPU",
+    )

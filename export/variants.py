@@ -23,6 +23,7 @@ from spine_edge.export import precision as prec
 from spine_edge.export.bundle_writer import model_entry, write_onnx
 from spine_edge.export.calibration import CalibrationSet
 from spine_edge.export.classifier_graph import CAM_NAME, PROB_NAME, export_classifier_graph, run_ensemble
+from spine_edge.export.coverage import count_tensorrt_int8_coverage
 from spine_edge.export.detector_graph import (
     OUTPUT_NAME,
     DetectorExportModule,
@@ -350,6 +351,7 @@ def build_int8_variant(
     )
     how = f"Q/DQ graph for {target} run on ONNX Runtime CPU."
     fp16_shares: dict[str, float] = {}
+    coverage = {"classifier": cls_search.coverage, "detector": det_search.coverage}
     if target == "tensorrt":
         # TensorRT builds Q/DQ graphs strongly typed: the unquantised rest must be FP16 in the graph
         # itself, or it runs in FP32 on the GPU. The search ran on the FP32-body graph (ONNX Runtime
@@ -359,9 +361,13 @@ def build_int8_variant(
             role: prec.int8_fp16_body(onnx.load(str(search.path)))
             for role, search in (("classifier", cls_search), ("detector", det_search))
         }
-        for role, search in (("classifier", cls_search), ("detector", det_search)):
+        for role, search, source in (
+            ("classifier", cls_search, fp32.classifier),
+            ("detector", det_search, fp32.detector),
+        ):
             write_onnx(bodies[role], search.path)
             fp16_shares[role] = prec.fp16_share(bodies[role])
+            coverage[role] = count_tensorrt_int8_coverage(search.path, source.path)
         cls_comparison = evaluation.compare_classifier(
             evaluation.run_classifier(prec.emulate_fp16(bodies["classifier"])), "int8"
         )
@@ -377,9 +383,14 @@ def build_int8_variant(
         ("classifier", cls_search, calibration.classifier),
         ("detector", det_search, calibration.detector),
     ):
-        notes = f"{int8_description(target, result)} {search.coverage.describe()}, counted after ONNX Runtime's optimisation"
-        # ONNX Runtime's CPU fusion wants int32 biases; TensorRT fuses these float-bias Q/DQ convs itself.
-        notes += " (CPU: a lower bound for the TensorRT engine)." if target == "tensorrt" else "."
+        if target == "tensorrt":
+            # ONNX Runtime's CPU fusion wants int32 biases; TensorRT fuses these float-bias Q/DQ convs itself.
+            notes = (
+                f"{int8_description(target, result)} {coverage[role].describe()}, by TensorRT's Q/DQ fusion rule "
+                f"(ONNX Runtime CPU fuses {search.coverage.int8_share:.1%}: it wants int32 biases)."
+            )
+        else:
+            notes = f"{int8_description(target, result)} {search.coverage.describe()}, counted after ONNX Runtime's optimisation."
         if search.kept_fp32:
             notes += f" Kept in float by the per-layer search: {len(search.kept_fp32)} of {search.candidates} layers."
         if role in fp16_shares:
@@ -395,7 +406,10 @@ def build_int8_variant(
         classifier=cls_comparison,
         detector=det_comparison,
         sensitivity={f"classifier {variant}": cls_search.record(), f"detector {variant}": det_search.record()},
-        coverage={"classifier": cls_search.coverage.to_dict(), "detector": det_search.coverage.to_dict()},
+        coverage={
+            role: {**coverage[role].to_dict(), "onnxruntime_cpu_int8_flop_share": round(search.coverage.int8_share, 4)}
+            for role, search in (("classifier", cls_search), ("detector", det_search))
+        },
     )
 
 

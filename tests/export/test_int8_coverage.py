@@ -149,3 +149,20 @@ def test_a_conv_with_qdq_but_no_integer_kernel_counts_as_float(tmp_path: Path) -
     assert coverage.float_layers == ("/conv2/Conv",)
     assert coverage.float_islands and coverage.activation_qdq > 0  # the float work between Q/DQ is counted too
     assert any(n.op_type == "DequantizeLinear" and n.input[0].startswith("w2") for n in qdq.graph.node)
+
+
+def test_tensorrt_coverage_follows_its_qdq_fusion_rule_on_the_fp16_body(tmp_path: Path) -> None:
+    from spine_edge.export.coverage import count_tensorrt_int8_coverage
+    from spine_edge.export.precision import int8_fp16_body
+
+    fp32 = _convnet(tmp_path / "fp32.onnx")
+    flops = layer_flops(onnx.load(str(fp32)))
+    trt = _quantize(fp32, tmp_path / "trt.onnx", ["/conv1/Conv"], True)
+    body = tmp_path / "trt16.onnx"
+    onnx.save(int8_fp16_body(onnx.load(str(trt))), str(body))
+    for graph in (trt, body):
+        coverage = count_tensorrt_int8_coverage(graph, fp32)
+        # conv1 reads a float input and FP32 weights (kept float); the head's MatMul reads quantised ones.
+        assert coverage.float_layers == ("/conv1/Conv",), graph.name
+        assert coverage.int8_share == pytest.approx(1 - flops["/conv1/Conv"] / sum(flops.values()))
+    assert count_tensorrt_int8_coverage(fp32, fp32).int8_share == 0.0
