@@ -69,8 +69,19 @@ def test_missing_extra_and_shifted_boxes_lower_agreement() -> None:
     by_class = {c.class_id: c for c in fid.per_class}
     assert by_class[0].ap == pytest.approx(0.5, abs=0.01)
     assert by_class[2].ap == 0.0 and by_class[2].ref_boxes == 0 and by_class[2].cand_boxes == 1
-    assert fid.ap == pytest.approx(0.25, abs=0.01)
+    # Weighted by boxes: class 0 counts twice (two boxes), the spurious class once (one box).
+    assert fid.ap == pytest.approx((2 * 0.5 + 1 * 0.0) / 3, abs=0.01)
+    assert fid.class_mean_ap == pytest.approx(0.25, abs=0.01)
     assert gate_violations(PLAN_GATES["fp16"], detector=fid)
+
+
+def test_one_lost_box_of_a_rare_class_moves_the_agreement_by_its_share_of_the_boxes() -> None:
+    common = [[10.0 * i, 0, 10.0 * i + 8, 8] for i in range(19)]
+    ref = [_dets([*common, [0, 50, 20, 70]], [0.9] * 20, [0] * 19 + [3])]
+    cand = [_dets(common, [0.9] * 19, [0] * 19)]  # everything agrees but the rare class's only box
+    fid = compare_detections(ref, cand)
+    assert fid.class_mean_ap == pytest.approx(0.5)  # the plain class mean halves
+    assert fid.ap == pytest.approx(19 / 20)  # the box-weighted agreement loses one box in twenty
 
 
 def test_box_ap_matches_pycocotools_at_iou_05() -> None:
@@ -89,8 +100,10 @@ def test_box_ap_matches_pycocotools_at_iou_05() -> None:
         det.append(ImageBoxes(noisy, classes, scores))
     fid = compare_detections(ref, cand, iou=0.5)
     coco = evaluate_detection(gt, det, ["a", "b", "c"])
-    assert fid.ap == pytest.approx(coco.map50, abs=1e-6)
-    assert 0.0 < fid.ap < 1.0  # the noise is large enough that the check has teeth
+    assert fid.class_mean_ap == pytest.approx(coco.map50, abs=1e-6)
+    assert 0.0 < fid.class_mean_ap < 1.0  # the noise is large enough that the check has teeth
+    weights = [max(c.ref_boxes, c.cand_boxes) for c in fid.per_class]
+    assert fid.ap == pytest.approx(np.average([c.ap for c in fid.per_class], weights=weights))
 
 
 def test_detection_arguments_are_checked() -> None:
