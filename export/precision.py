@@ -779,8 +779,13 @@ _FP16_TINY = float(np.finfo(np.float16).tiny)
 
 
 def _fp16_scale(scale: np.ndarray) -> np.ndarray:
-    """Float16-representable scales (as float32), never below the smallest normal float16."""
-    return np.maximum(scale.astype(np.float32), _FP16_TINY).astype(np.float16).astype(np.float32)
+    """Float16-representable scales (as float32), between the smallest normal float16 and its largest value.
+
+    A scale above 65504 (a range beyond 8.3 million: random weights, never a trained network seen
+    here) is clipped, not turned into infinity; its tensor cannot be FP16 anyway, and
+    :func:`int8_fp16_body` warns about it.
+    """
+    return np.clip(scale.astype(np.float32), _FP16_TINY, _FP16_MAX).astype(np.float16).astype(np.float32)
 
 
 def int8_fp16_body(qdq: onnx.ModelProto) -> onnx.ModelProto:
@@ -834,6 +839,12 @@ def int8_fp16_body(qdq: onnx.ModelProto) -> onnx.ModelProto:
         if scale_name not in initializers:
             continue
         scale = numpy_helper.to_array(initializers[scale_name])
+        if node.op_type == "QuantizeLinear" and float(np.max(scale)) * 127 > _FP16_MAX:
+            log.warning(
+                "%s: activation range %.3g exceeds float16 (65504): in the FP16 body this tensor overflows",
+                node.input[0],
+                float(np.max(scale)) * 127,
+            )
         rounded = _fp16_scale(scale)
         source = initializers.get(node.input[0])
         if node.op_type == "DequantizeLinear" and source is not None and source.data_type == TensorProto.INT8:

@@ -351,3 +351,10 @@ def test_fp16_body_raises_tiny_weight_scales_and_requantises() -> None:
     got = run_graph(prec.emulate_fp16(body), x, ["y"], 1)["y"]
     want = run_graph(model, x, ["y"], 1)["y"]
     assert np.allclose(got, want, rtol=2e-2, atol=1e-3)
+
+
+def test_fp16_scales_stay_finite_and_normal() -> None:
+    scales = prec._fp16_scale(np.array([1e6, 1.0 / 127, 1e-9], np.float32))
+    assert np.isfinite(scales).all()
+    assert scales[0] == np.finfo(np.float16).max and scales[2] == np.finfo(np.float16).tiny
+    assert scales[1] == pytest.approx(1.0 / 127, rel=2**-11)
