@@ -37,3 +37,14 @@ def test_no_tensorrt_graphs_no_extra_cascade(tmp_path: Path) -> None:
     assert [label for label, _, _ in plan_precisions(manifest, config).accuracy] == ["fp32", "int8"]
     without_data = BenchConfig(CascadeConfig(tmp_path / "bundle", backend="onnxruntime", provider="cpu"))
     assert plan_precisions(manifest, without_data).accuracy == ()
+
+
+def test_openvino_plan_measures_fp16_on_onnxruntime(tmp_path: Path) -> None:
+    fp16 = (("classifier", "fp16", "any", "classifier.fp16.onnx"), ("detector", "fp16", "any", "detector.fp16.onnx"))
+    manifest = write_bundle(tmp_path / "bundle", GRAPHS + fp16)
+    config = BenchConfig(CascadeConfig(tmp_path / "bundle", backend="openvino"), data=tmp_path)
+    plan = plan_precisions(manifest, config)
+    assert plan.backend == "openvino" and plan.latency == ("fp32", "int8")  # OpenVINO has no FP16 on a CPU
+    by_label = {label: (backend, provider) for label, backend, provider in plan.accuracy}
+    assert by_label["fp16"] == ("onnxruntime", "cpu") and by_label["int8"][0] == "openvino"
+    assert by_label[TENSORRT_INT8] == ("onnxruntime", "cpu")
