@@ -67,6 +67,7 @@ from spine_edge.benchmarks.config import (
     BenchPlan,
     accuracy_cascade,
     plan_precisions,
+    runs_on,
 )
 from spine_edge.benchmarks.decode_parity import measure_decode_parity
 from spine_edge.benchmarks.environment import environment_record, uses_gpu
@@ -479,7 +480,8 @@ def run_bench(config: BenchConfig) -> BenchReport:
             with _timed(phases, "guard"):
                 guard = evaluate_guard(
                     replace(config.cascade, backend=cast(BackendChoice, plan.backend)), truth,
-                    [label for label, _, _ in plan.accuracy if label in PRECISIONS], Path(tmp) / "non_radiographs",
+                    [label for label, _, _ in plan.accuracy if label in PRECISIONS and runs_on(plan.backend, label)],
+                    Path(tmp) / "non_radiographs",
                     REFERENCE,
                 )  # fmt: skip
             data_info["guard"] = guard.to_dict()
