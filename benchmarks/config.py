@@ -143,8 +143,11 @@ def plan_precisions(manifest: Manifest, config: BenchConfig) -> BenchPlan:
             accuracy.append((REFERENCE, "onnxruntime", "cpu"))  # the FP32 ONNX graph is the reference anywhere
         else:
             raise BundleError(f"{cascade.bundle_dir}: no FP32 graphs to compare with; re-export the bundle")
+        # On OpenVINO, "int8" is the TensorRT Q/DQ graph (the one graph both run): the ONNX Runtime
+        # graph's accuracy is then measured on ONNX Runtime, and the TensorRT graph's on OpenVINO.
+        on_ort = {"fp16", "int8"} if backend == "openvino" else set()
         accuracy += [
-            (p, backend, cascade.provider) if runs_on(backend, p) else (p, "onnxruntime", "cpu")
+            (p, "onnxruntime", "cpu") if p in on_ort else (p, backend, cascade.provider)
             for p in wanted
             if p != REFERENCE
         ]
@@ -153,9 +156,9 @@ def plan_precisions(manifest: Manifest, config: BenchConfig) -> BenchPlan:
             and backend in ("onnxruntime", "openvino")
             and _has_tensorrt_int8(manifest, cascade.provider)
         ):
-            # The TensorRT Q/DQ graphs run on ONNX Runtime too: their accuracy is measured on the test
-            # split here, before a GPU box ever builds an engine from them.
-            accuracy.append((TENSORRT_INT8, "onnxruntime", "cpu" if backend == "openvino" else cascade.provider))
+            # The TensorRT Q/DQ graphs run on a CPU too: their accuracy is measured on the test split
+            # here, before a GPU box ever builds an engine from them.
+            accuracy.append((TENSORRT_INT8, backend, cascade.provider))
     # OpenVINO (chosen by build-engines where it was faster) has no FP16 on a CPU: FP16's accuracy is
     # measured on ONNX Runtime above, its latency is not part of the OpenVINO table.
     return BenchPlan(backend, tuple(p for p in wanted if runs_on(backend, p)), tuple(accuracy))
