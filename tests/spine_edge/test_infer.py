@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import cv2
@@ -215,3 +216,39 @@ def test_no_overlays_and_default_output_folder(bundle: Path, tmp_path: Path) -> 
     # No heatmap PNG is drawn, so the run does not keep the CAMs either (one rule: InferConfig.cascade_to_load).
     assert config.cascade.heatmaps and not config.cascade_to_load.heatmaps
     assert [r.cam for r in seen] == [None]
+
+
+def test_pictures_are_drawn_behind_the_cascade_in_order_and_bounded() -> None:
+    import threading
+
+    from spine_edge.infer import pictures_in_order
+
+    drawing, most, lock = [0], [0], threading.Lock()
+    produced: list[int] = []
+
+    def results():  # type: ignore[no-untyped-def]
+        for i in range(20):
+            produced.append(i)
+            yield i
+
+    def draw(i):  # type: ignore[no-untyped-def]
+        with lock:
+            drawing[0] += 1
+            most[0] = max(most[0], len(produced) - i)  # results the drawer is behind by
+        time.sleep(0.002 * (i % 3))
+        with lock:
+            drawing[0] -= 1
+        return i * 10
+
+    assert list(pictures_in_order(results(), draw, depth=3)) == [i * 10 for i in range(20)]  # type: ignore[arg-type]
+    assert most[0] <= 3 + 1  # never more than `depth` results wait for their pictures
+
+    def failing(i):  # type: ignore[no-untyped-def]
+        if i == 5:
+            raise OSError(28, "No space left on device")
+        return i
+
+    out = pictures_in_order(iter(range(10)), failing, depth=2)  # type: ignore[arg-type]
+    assert [next(out) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(OSError, match="No space"):
+        next(out)  # the error surfaces in order, after every earlier result
