@@ -407,7 +407,12 @@ def build_int8_variant(
         detector=det_comparison,
         sensitivity={f"classifier {variant}": cls_search.record(), f"detector {variant}": det_search.record()},
         coverage={
-            role: {**coverage[role].to_dict(), "onnxruntime_cpu_int8_flop_share": round(search.coverage.int8_share, 4)}
+            role: coverage[role].to_dict()
+            | (
+                {"onnxruntime_cpu_int8_flop_share": round(search.coverage.int8_share, 4)}
+                if target == "tensorrt"
+                else {}
+            )
             for role, search in (("classifier", cls_search), ("detector", det_search))
         },
     )

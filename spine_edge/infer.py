@@ -229,7 +229,7 @@ def write_pictures(result: CascadeResult, relative: Path, out: Path) -> CascadeR
         write_image_atomic(out / OVERLAY_DIR / name, draw_detections(result.image, result.detections_on_image()))
         overlay = (Path(OVERLAY_DIR) / name).as_posix()
     if result.decision and result.cam is not None and result.letterbox is not None:
-        # Bicubic, not linear: a coarse CAM grid (4 x 4 in the cpu profile) would show as facets.
+        # Bicubic, not linear: a coarse CAM grid (8 x 8 in the cpu profile) would show as facets.
         cam = upsample_cam(result.cam, result.letterbox)
         write_image_atomic(
             out / HEATMAP_DIR / name, draw_heatmap(result.image, cam, detections=result.detections_on_image())

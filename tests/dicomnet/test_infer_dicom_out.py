@@ -1,7 +1,7 @@
 """``spine-edge infer --dicom-out``: an SR and Secondary Captures next to the JSON results, per DICOM input.
 
-The radiograph is the DICOM service tests' one (240 x 200 JPEG 2000, 0.5 mm pixels, so the input
-guard accepts it). The tiny bundle's 64 px models make the cascade decode it at level 1 (120 x 100),
+The radiograph is a 280 x 240 JPEG 2000 DX with 0.5 mm pixels (so the input guard accepts it). The
+tiny bundle's 64 px models make the cascade decode it at level 1 (140 x 120: twice the model input covered),
 so the SCs also prove that a reduced decode still gives pictures on the source's pixel grid, with the
 boxes where the SR puts them.
 """
@@ -40,7 +40,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _radiograph(path: Path) -> Path:
     """A DX the tiny bundle calls abnormal, with a study and a patient."""
     uids = DicomUIDs(UID, STUDY, STUDY + ".1")
-    return write_radiograph_dicom(path, radiograph_pixels((240, 200), abnormal=True), uids=uids, tags=PATIENT)
+    return write_radiograph_dicom(path, radiograph_pixels((280, 240), abnormal=True), uids=uids, tags=PATIENT)
 
 
 def _infer(folder: Path, out: Path, bundle: Path, dicom_out: Path) -> object:
@@ -62,23 +62,23 @@ def test_a_dicom_input_gets_an_sr_and_scs_and_a_png_none(bundle: Path, tmp_path:
     assert records["a.dcm"]["status"] == records["b.png"]["status"] == "ok"
     dicom = records["a.dcm"]
     assert dicom["decision"] is True and dicom["detections"]
-    assert dicom["image_size"] == [240, 200] and dicom["decoded_size"] == [120, 100]  # decoded at level 1
+    assert dicom["image_size"] == [280, 240] and dicom["decoded_size"] == [140, 120]  # decoded at level 1
     assert sorted(p.name for p in dicom_out.iterdir()) == [UID]  # the PNG has no study to file an SR under
     assert sorted(p.name for p in (dicom_out / UID).iterdir()) == sorted([SR_NAME, OVERLAY_NAME, HEATMAP_NAME])
     findings = read_sr_findings(pydicom.dcmread(dicom_out / UID / SR_NAME)).findings
     assert [list(f.box) for f in findings] == [pytest.approx(d["box"]) for d in dicom["detections"]]
     overlay = pydicom.dcmread(dicom_out / UID / OVERLAY_NAME)
     heatmap = pydicom.dcmread(dicom_out / UID / HEATMAP_NAME)
-    assert (overlay.Rows, overlay.Columns) == (240, 200)  # the source's grid, not the 120 x 100 decode
-    assert heatmap.Rows == 240 and heatmap.Columns > 200  # plus its colour bar
+    assert (overlay.Rows, overlay.Columns) == (280, 240)  # the source's grid, not the 140 x 120 decode
+    assert heatmap.Rows == 280 and heatmap.Columns > 240  # plus its colour bar
     # The box is drawn at full size where the SR puts it: its edge pixels carry the class colour.
     x1, y1, x2, _ = (round(v) for v in dicom["detections"][0]["box"])
     pixels = overlay.pixel_array
-    row = pixels[min(max(y1, 0), 239) + 1]
+    row = pixels[min(max(y1, 0), 278) + 1]
     assert not np.array_equal(row[x1], row[x1 - 3] if x1 >= 3 else row[x2 + 3])
-    # The upsampled image lies on the source's grid: the bright block (rows 0-119, columns 100-149) stays put.
+    # The upsampled image lies on the source's grid: the bright block (rows 0-139, columns 120-179) stays put.
     full = read_image(folder / "a.dcm").image
-    for y, x in ((90, 125), (200, 50), (200, 180), (90, 60)):
+    for y, x in ((90, 150), (200, 50), (240, 200), (90, 60)):
         assert abs(int(pixels[y, x, 0]) - int(full[y, x])) <= 2, (y, x)
 
 

@@ -112,7 +112,9 @@ def test_the_graph_computes_the_fitted_score(export_checkpoints, export_prepared
     val = _split_canvases(export_prepared, "val", spec.input_size)
     before_prob, before_cam = run_ensemble(ensemble, val)
     chosen = attach_ood(ensemble, train, val)
-    expected = fit_ood(pooled_features(ensemble, train)).score(pooled_features(ensemble, val))
+    val_features = pooled_features(ensemble, val)
+    # Members weighed by their validation scores' spread, as attach_ood fits them.
+    expected = fit_ood(pooled_features(ensemble, train), val_features).score(val_features)
     np.testing.assert_allclose(run_ood(ensemble, val), expected, rtol=1e-4)
     path = export_classifier_graph(ensemble, tmp_path / "classifier.onnx", spec.input_size)
     got = run_graph(path, val, ["prob", "cam", "ood_score"], 8)

@@ -17,7 +17,7 @@ from spine_edge.service.app import AppConfig, create_app
 from spine_edge.service.server import bind
 from spine_edge.service.worker import InferenceWorker, WorkerConfig
 from tests.spine_edge.bundle_factory import make_bundle
-from tests.spine_edge.dicom_factory import write_test_dicom
+from tests.spine_edge.radiograph_factory import radiograph_pixels, write_radiograph_dicom
 
 
 def require_serve_extra() -> None:
@@ -47,17 +47,14 @@ def write_dark_png(path: Path) -> Path:
 
 
 def write_bright_dicom(path: Path) -> Path:
-    """A JPEG 2000 DICOM (VinDr-like) the tiny bundle calls abnormal, with boxes.
+    """A JPEG 2000 DX (VinDr-like) the tiny bundle calls abnormal, with one box (the bright block of :func:`bright`).
 
-    0.5 mm pixels make its 240 x 200 px cover 120 x 100 mm, as much as the guard wants of a spine.
+    A textured film from the shared factory, not a flat graphic: the guard refuses images that are
+    mostly one exact gray level as screenshots. 0.5 mm pixels make its 280 x 240 px cover 140 x 120 mm,
+    as much as the guard wants of a spine; it decodes at JPEG 2000 level 1 (140 x 120) for the tiny
+    bundle's 64 px models, whose reader covers twice the model input.
     """
-    return write_test_dicom(
-        path,
-        bright((240, 200), np.uint16, 100, 4000),
-        window=(2048, 4096),
-        transfer_syntax="jpeg2000-lossless",
-        pixel_spacing=(0.5, 0.5),
-    )
+    return write_radiograph_dicom(path, radiograph_pixels((280, 240), abnormal=True))
 
 
 @dataclass
