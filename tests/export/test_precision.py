@@ -358,3 +358,18 @@ def test_fp16_scales_stay_finite_and_normal() -> None:
     assert np.isfinite(scales).all()
     assert scales[0] == np.finfo(np.float16).max and scales[2] == np.finfo(np.float16).tiny
     assert scales[1] == pytest.approx(1.0 / 127, rel=2**-11)
+
+
+def test_the_search_judges_the_tensorrt_graph_as_tensorrt_builds_it(int8_graphs: dict, export_prepared: Path) -> None:
+    from spine_edge.export.sensitivity import as_built
+
+    ort_graph = onnx.load(str(int8_graphs["classifier", "onnxruntime"]))
+    assert as_built(ort_graph, "onnxruntime") is ort_graph
+    trt_graph = onnx.load(str(int8_graphs["classifier", "tensorrt"]))
+    built = as_built(trt_graph, "tensorrt")
+    assert max(o.version for o in built.opset_import if o.domain in ("", "ai.onnx")) == prec.QDQ_FP16_OPSET
+    halves = [n for n in built.graph.node if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT16]
+    assert len(halves) > 50  # every FP16 tensor rounded, as the FP16 body computes it
+    images = _val(export_prepared, 4, 0)
+    expected = run_graph(prec.emulate_fp16(prec.int8_fp16_body(trt_graph)), images, ["prob"], 4)["prob"]
+    np.testing.assert_array_equal(run_graph(built, images, ["prob"], 4)["prob"], expected)
