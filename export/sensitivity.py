@@ -257,7 +257,7 @@ def search_classifier_int8(
         images: uint8 ``[K, 1, S, S]`` calibration canvases (the per-layer sensitivity).
 
     Returns:
-        The search and the written graph's comparison with FP32.
+        The search and the written graph's comparison with FP32, as built for its target (:func:`as_built`).
     """
     batch = evaluation.settings.batch_size
     reference = run_graph(fp32_path, images, [PROB_NAME], batch)[PROB_NAME]
@@ -271,7 +271,8 @@ def search_classifier_int8(
     search = search_int8(
         "classifier", fp32_path, out, calibration, target, judge, error, "mean |Δprob| vs FP32", len(images)
     )
-    return search, evaluation.compare_classifier(evaluation.run_classifier(search.path), "int8")
+    built = as_built(onnx.load(str(search.path)), target)
+    return search, evaluation.compare_classifier(evaluation.run_classifier(built), "int8")
 
 
 def search_detector_int8(
@@ -296,7 +297,7 @@ def search_detector_int8(
         images: uint8 ``[K, 1, S, S]`` calibration canvases (the per-layer sensitivity).
 
     Returns:
-        The search and the written graph's comparison with FP32.
+        The search and the written graph's comparison with FP32, as built for its target (:func:`as_built`).
     """
     batch = evaluation.settings.batch_size
     reference = run_graph(fp32_path, images, [OUTPUT_NAME], batch)[OUTPUT_NAME][:, 4:]
@@ -311,4 +312,5 @@ def search_detector_int8(
     search = search_int8(
         "detector", fp32_path, out, calibration, target, judge, error, "mean |Δclass score| vs FP32", len(images)
     )
-    return search, evaluation.compare_detector(evaluation.run_detector(search.path), "int8")
+    built = as_built(onnx.load(str(search.path)), target)
+    return search, evaluation.compare_detector(evaluation.run_detector(built), "int8")
