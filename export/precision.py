@@ -20,9 +20,19 @@ graph on real images read through a :class:`CalibrationImages` reader; two varia
   Runtime's CPU kernels fuse into QLinearConv / integer GEMM; symmetric S8S8 was slower than FP32 on
   the AVX2 CPUs measured here.
 
-Every body node is quantised (activations kept, ``QDQKeepRemovableActivations``); layers the INT8
-search keeps in float are then put back by :func:`keep_float`, which edits the Q/DQ graph so ONNX
-Runtime cannot fuse them into integer kernels anyway (``nodes_to_exclude`` alone does not stop it).
+Where the Q/DQ pairs go depends on the target. ``onnxruntime``: on every quantisable body node
+(activations kept, ``QDQKeepRemovableActivations``), because ONNX Runtime's CPU selectors fuse a
+conv into QLinearConv only when its output is quantised too, and chain QLinear ops through
+activations, adds and concats. ``tensorrt``: on the inputs of weighted layers only (Conv, Gemm,
+MatMul), none on their outputs, activations, adds or concats, which is TensorRT's Q/DQ placement
+recommendation and what ModelOpt writes: TensorRT (and OpenVINO, which reads the same file) fuses
+the activation and the next layer's quantisation into the conv, while a Q/DQ pair on a Sigmoid or
+a Mul splits SiLU and squeeze-excitation into separate kernels and adds a rounding per pair. Measured
+on the demo's TensorRT classifier, quantising every op failed the flip gate even with all weighted
+layers in float (7 flips on 100 images), the activations' Q/DQ alone; at paper size on OpenVINO
+that placement ran 105 unfused scale/shift ops and 888 FakeQuantize ops. Layers the INT8 search
+keeps in float are then put back by :func:`keep_float`, which edits the Q/DQ graph so ONNX Runtime
+cannot fuse them into integer kernels anyway (``nodes_to_exclude`` alone does not stop it).
 
 ONNX Runtime's quantiser was chosen over NVIDIA ModelOpt because ``nvidia-modelopt[onnx]`` pins onnx
 1.21 and pulls onnxruntime-gpu into the workstation environment, while the two gave the same
@@ -572,6 +582,8 @@ class QuantizeSettings:
             TensorRT takes int8 Q/DQ only and adds the float bias in its fused kernels).
         reduce_range: 7-bit weights, so that U8S8 products cannot saturate the int16 accumulators of
             x86 CPUs without VNNI (AVX2, most AVX-512), the kind of box the ONNX Runtime variant serves.
+        weighted_inputs_only: Q/DQ pairs only on the inputs of weighted layers (TensorRT's placement),
+            instead of on every quantisable op and its output (ONNX Runtime's QLinear chains).
     """
 
     target: QuantTarget
@@ -580,10 +592,13 @@ class QuantizeSettings:
     symmetric_activations: bool = False
     quantize_bias: bool = True
     reduce_range: bool = False
+    weighted_inputs_only: bool = False
 
 
 QUANTIZE_SETTINGS: dict[QuantTarget, QuantizeSettings] = {
-    "tensorrt": QuantizeSettings("tensorrt", "int8", symmetric_activations=True, quantize_bias=False),
+    "tensorrt": QuantizeSettings(
+        "tensorrt", "int8", symmetric_activations=True, quantize_bias=False, weighted_inputs_only=True
+    ),
     # Measured on this AVX2 CPU (no VNNI), trained YOLO11n at 320 px: U8S8 with 8-bit weights lost
     # 4.4 mAP@0.5 points to saturation, with 7-bit weights 0.2.
     "onnxruntime": QuantizeSettings(
@@ -617,6 +632,8 @@ def quantize_graph(
     settings = QUANTIZE_SETTINGS[target]
     allowed = list(nodes_to_quantize)
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    weighted = sorted(_WEIGHTED_OPS)
+    op_types = weighted if settings.weighted_inputs_only else None
     with tempfile.TemporaryDirectory(prefix="spine-edge-quant-") as tmp:
         staged = Path(tmp) / "int8.onnx"
         # An empty nodes_to_quantize means "everything" to ONNX Runtime, so a graph without a body
@@ -637,7 +654,9 @@ def quantize_graph(
                     per_channel=True,
                     reduce_range=settings.reduce_range,
                     nodes_to_quantize=allowed,
+                    op_types_to_quantize=op_types,
                     extra_options={
+                        "OpTypesToExcludeOutputQuantization": weighted if settings.weighted_inputs_only else [],
                         "ActivationSymmetric": settings.symmetric_activations,
                         "WeightSymmetric": True,
                         "QuantizeBias": settings.quantize_bias,
@@ -648,7 +667,32 @@ def quantize_graph(
                     },
                 )
             model = onnx.load(str(staged))
+            if settings.weighted_inputs_only:
+                model = _float_for_unweighted_readers(model)
     return write_onnx(model, out)
+
+
+def _float_for_unweighted_readers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Let every non-weighted op read the float tensor instead of the DequantizeLinear a conv reads.
+
+    ONNX Runtime's quantiser, when it quantises a conv's input, points every reader of that tensor at
+    the DequantizeLinear output, so a residual Add or a pooling beside the conv would compute on
+    the int8 grid too. In TensorRT's placement only weighted layers read quantised tensors; the
+    rest stays float (FP16 in the built engine), one rounding less per block.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type in _WEIGHTED_OPS or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            dequant = producer.get(name)
+            if dequant is None or dequant.op_type != "DequantizeLinear":
+                continue
+            quant = producer.get(dequant.input[0])
+            if quant is not None and quant.op_type == "QuantizeLinear":
+                node.input[i] = quant.input[0]
+    return model
 
 
 def _calibration_method(name: CalibrationMethodName) -> Any:

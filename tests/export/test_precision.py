@@ -206,6 +206,40 @@ def test_tensorrt_int8_graphs_are_symmetric_int8(int8_graphs: dict) -> None:
         assert prec.activation_types(path) == {"int8": prec.activation_types(path)["int8"]}
 
 
+def consts(model: onnx.ModelProto) -> set[str]:
+    return {t.name for t in model.graph.initializer}
+
+
+def test_tensorrt_int8_graphs_quantise_only_weighted_layer_inputs(int8_graphs: dict) -> None:
+    """TensorRT's placement: every DequantizeLinear feeds a Conv/Gemm/MatMul, no Q/DQ on activations or outputs.
+
+    The ONNX Runtime graph of the same FP32 graph quantises activations, adds and concats too.
+    """
+    weighted = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+    for role in ("classifier", "detector"):
+        for target, only_weighted in (("tensorrt", True), ("onnxruntime", False)):
+            model = onnx.load(str(int8_graphs[role, target]))
+            readers: dict[str, set[str]] = {}
+            for node in model.graph.node:
+                for name in node.input:
+                    readers.setdefault(name, set()).add(node.op_type)
+            dequant_readers = set().union(
+                *(readers.get(n.output[0], set()) for n in model.graph.node if n.op_type == "DequantizeLinear")
+            )
+            weights = consts(model)
+            activation_quants = [
+                n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in weights
+            ]
+            weighted_nodes = [n for n in model.graph.node if n.op_type in weighted]
+            if only_weighted:
+                assert dequant_readers <= weighted, (role, dequant_readers - weighted)
+                # At most one activation Q per weighted layer: none on activations, adds, concats.
+                assert len(activation_quants) <= len(weighted_nodes), role
+            else:
+                assert dequant_readers - weighted, role
+                assert len(activation_quants) > len(weighted_nodes), role
+
+
 def test_onnxruntime_int8_graphs_use_uint8_activations(int8_graphs: dict) -> None:
     for role in ("classifier", "detector"):
         path = int8_graphs[role, "onnxruntime"]
