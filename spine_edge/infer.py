@@ -8,6 +8,7 @@ mistakes its own outputs for inputs)::
     results.csv                 the same, one row per input, rewritten atomically at the end
     overlays/<relative path>.png   boxes with class and score, for positive images (or any with boxes)
     heatmaps/<relative path>.png   class-activation map over the image, for positive images
+                                   (``.jpg`` instead with ``picture_format="jpeg"``, see below)
 
 With ``--dicom-out DIR`` each ``ok`` DICOM input also gets ``DIR/<its SOP Instance UID>/SR.dcm`` and
 Secondary Captures (:mod:`spine_edge.dicomnet.writer`), written after its record; a failure there is
@@ -17,7 +18,10 @@ The PNGs show the image as the models saw it: after a reduced-resolution JPEG 20
 smaller than the original (the record's ``decoded_size``), while its boxes and ``image_size`` are
 in original pixels.
 
-``<relative path>`` is the input's path below the folder with ``.png`` appended (``a/b.dicom`` →
+Picture format: PNG (lossless, the default) or JPEG (quality 95, 4:4:4 chroma). The pictures are
+a visual aid next to the DICOM, never a diagnostic copy; JPEG encodes about 10x faster, which is
+what a 2-core box needs to keep up with the models (README, "Speed"). ``<relative path>`` is the
+input's path below the folder with ``.png`` (or ``.jpg``) appended (``a/b.dicom`` →
 ``overlays/a/b.dicom.png``), so ``x.png`` and ``x.dcm`` never collide. A name that would pass the
 file system's 255-byte limit is shortened and given a hash of the full name (the record names the
 file written). The input may also be a single file: its folder is then the base of the relative path.
@@ -63,7 +67,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -94,6 +98,11 @@ _RECORD_KEYS = frozenset({"source", "status", "bundle_id", "precision"})
 _PROBE_BYTES = 64 * 1024
 
 
+PictureFormat = Literal["png", "jpeg"]
+#: File suffix of each picture format.
+PICTURE_SUFFIX: dict[PictureFormat, str] = {"png": ".png", "jpeg": ".jpg"}
+
+
 class OutputBusyError(SpineEdgeError):
     """Another run holds the output folder's lock."""
 
@@ -115,6 +124,8 @@ class InferConfig:
         overlays: Write overlay and heatmap PNGs. The class-activation map only feeds the heatmap
             PNGs (results.jsonl does not record it), so without them the run loads the cascade with
             ``heatmaps=False`` whatever ``cascade.heatmaps`` says (:attr:`cascade_to_load`).
+        picture_format: ``png`` (lossless) or ``jpeg`` (quality 95, about 10x faster to encode) for
+            the overlay and heatmap pictures.
         dicom_out: Also write each ``ok`` DICOM input's results as DICOM here: a TID 1500 SR and
             Secondary Captures (:func:`spine_edge.dicomnet.writer.write_dicom_results`); None for none.
             Needs highdicom (``spine-edge[dicom]``), checked before anything runs.
@@ -126,6 +137,7 @@ class InferConfig:
     resume: bool = False
     resume_any: bool = False
     overlays: bool = True
+    picture_format: PictureFormat = "png"
     dicom_out: Path | None = None
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
@@ -192,38 +204,41 @@ def default_output_dir(folder: str | Path) -> Path:
     return source.parent / f"{source.name}_results"
 
 
-def picture_name(relative: Path) -> Path:
-    """The overlay/heatmap path for an input: ``relative`` with ``.png`` appended, each part within :data:`NAME_MAX`.
+def picture_name(relative: Path, suffix: str = ".png") -> Path:
+    """The overlay/heatmap path for an input: ``relative`` with ``suffix`` appended, each part within :data:`NAME_MAX`.
 
     A last part that would pass the limit keeps as much of the name as fits, then ``~`` and 12 hex
     digits of the full name's sha256, so two long names that share a beginning never collide.
     (Temporary files use a fixed short name, so they add nothing to this.)
     """
-    name = relative.name + ".png"
+    name = relative.name + suffix
     encoded = os.fsencode(name)
     if len(encoded) <= NAME_MAX:
         return relative.with_name(name)
-    tag = "~" + hashlib.sha256(encoded).hexdigest()[:12] + ".png"
+    tag = "~" + hashlib.sha256(encoded).hexdigest()[:12] + suffix
     stem = relative.name
     while len(os.fsencode(stem + tag)) > NAME_MAX:
         stem = stem[:-1]
     return relative.with_name(stem + tag)
 
 
-def write_pictures(result: CascadeResult, relative: Path, out: Path) -> CascadeResult:
-    """Write the overlay and heatmap PNGs of one result; returns it with their paths filled in.
+def write_pictures(
+    result: CascadeResult, relative: Path, out: Path, picture_format: PictureFormat = "png"
+) -> CascadeResult:
+    """Write the overlay and heatmap pictures of one result; returns it with their paths filled in.
 
     Args:
         result: An ``ok`` result that still holds its image.
         relative: The input's path relative to the input folder.
         out: The output folder.
+        picture_format: ``png`` or ``jpeg``.
 
     Raises:
         OSError: A PNG could not be written (full disk, permission, a name the file system refuses).
     """
     if not result.ok or result.image is None:
         return result
-    name = picture_name(relative)
+    name = picture_name(relative, PICTURE_SUFFIX[picture_format])
     overlay = heatmap = None
     if result.decision or result.detections:
         write_image_atomic(out / OVERLAY_DIR / name, draw_detections(result.image, result.detections_on_image()))
@@ -463,7 +478,7 @@ def _run_locked(
                 if config.overlays:
                     results = pictures_in_order(
                         results,
-                        lambda r: _with_pictures(r, Path(r.source).relative_to(base), out),
+                        lambda r: _with_pictures(r, Path(r.source).relative_to(base), out, config.picture_format),
                         depth=2 * cascade.config.batch_size,
                     )
                 for count, result in enumerate(results, 1):
@@ -545,14 +560,16 @@ def pictures_in_order(
             yield pending.popleft().result()
 
 
-def _with_pictures(result: CascadeResult, relative: Path, out: Path) -> CascadeResult:
+def _with_pictures(
+    result: CascadeResult, relative: Path, out: Path, picture_format: PictureFormat = "png"
+) -> CascadeResult:
     """:func:`write_pictures`, with a failure for this one input turned into its error record.
 
     Raises:
         DiskFullError: The disk is full: the run must stop, not fail every input that follows.
     """
     try:
-        return write_pictures(result, relative, out)
+        return write_pictures(result, relative, out, picture_format)
     except OSError as exc:
         if is_disk_full(exc):
             raise DiskFullError(exc.filename or out / OVERLAY_DIR, exc) from exc

@@ -24,7 +24,15 @@ from spine_edge.cli import (
 from spine_edge.config import field_default, literal_values
 from spine_edge.errors import SpineEdgeError
 from spine_edge.guard import OodPolicy
-from spine_edge.infer import CSV_NAME, JSONL_NAME, InferConfig, InferReport, ResumeMismatchError, run_folder
+from spine_edge.infer import (
+    CSV_NAME,
+    JSONL_NAME,
+    InferConfig,
+    InferReport,
+    PictureFormat,
+    ResumeMismatchError,
+    run_folder,
+)
 from spine_edge.results import DiskFullError
 
 
@@ -84,7 +92,15 @@ def _cascade_default(name: str) -> Any:
     "--overlays/--no-overlays",
     default=field_default(InferConfig, "overlays"),
     show_default=True,
-    help="Write overlay and heatmap PNGs.",
+    help="Write overlay and heatmap pictures.",
+)
+@click.option(
+    "--picture-format",
+    type=click.Choice(literal_values(PictureFormat)),
+    default=field_default(InferConfig, "picture_format"),
+    show_default=True,
+    help="Overlay and heatmap pictures as lossless PNG, or JPEG (quality 95, 4:4:4; about 10x faster to encode, "
+    "for boxes with few cores).",
 )
 @click.option(
     "--resume",
@@ -152,6 +168,7 @@ def infer(
     batch_size: int,
     force_detector: bool,
     overlays: bool,
+    picture_format: PictureFormat,
     resume: bool,
     resume_any: bool,
     dicom_out: Path | None,
@@ -164,7 +181,7 @@ def infer(
     """Triage every radiograph under FOLDER (recursive; DICOM, PNG, JPEG, TIFF; or one file) and localise lesions.
 
     Writes OUT/results.jsonl and OUT/results.csv (one record per input, failures included),
-    OUT/overlays/ and OUT/heatmaps/ (PNGs for positive images). One run per OUT at a time.
+    OUT/overlays/ and OUT/heatmaps/ (PNG or JPEG pictures of positive images). One run per OUT at a time.
     Inputs the bundle must not judge (another modality, a colour photograph, a document, an image
     unlike the training radiographs) get a ``refused`` record with the reason.
     Exit status: 0 all inputs ok, 1 some inputs failed or a sub-folder could not be read (the rest
@@ -191,6 +208,7 @@ def infer(
         resume=resume or resume_any,
         resume_any=resume_any,
         overlays=overlays,
+        picture_format=picture_format,
         dicom_out=dicom_out,
         cascade=cascade,
     )

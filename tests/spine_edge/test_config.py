@@ -53,6 +53,7 @@ def test_infer_options_take_the_config_defaults() -> None:
         "resume": (InferConfig, "resume"),
         "resume_any": (InferConfig, "resume_any"),
         "overlays": (InferConfig, "overlays"),
+        "picture_format": (InferConfig, "picture_format"),
         "dicom_out": (InferConfig, "dicom_out"),
         "bundle": (CascadeConfig, "bundle"),
         "precision": (CascadeConfig, "precision"),

@@ -218,6 +218,25 @@ def test_no_overlays_and_default_output_folder(bundle: Path, tmp_path: Path) -> 
     assert [r.cam for r in seen] == [None]
 
 
+def test_jpeg_pictures_from_the_command_line(bundle: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), _bright((80, 120)))
+    out = tmp_path / "out"
+    args = ["infer", str(folder), "-o", str(out), "--bundle", str(bundle), "--no-guard", "--picture-format", "jpeg"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    record = _records(out)[0]
+    assert record["overlay"] == "overlays/a.png.jpg" and record["heatmap"] == "heatmaps/a.png.jpg"
+    for kind in ("overlay", "heatmap"):
+        data = (out / record[kind]).read_bytes()
+        assert data[:3] == b"\xff\xd8\xff"  # a JPEG, not a PNG named .jpg
+        picture = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert picture is not None and picture.shape[0] == 80 and picture.shape[1] >= 120  # heatmap: + colour bar
+    bad = CliRunner().invoke(main, [*args[:-1], "gif"])
+    assert bad.exit_code == 2 and "png" in bad.output and "jpeg" in bad.output
+
+
 def test_pictures_are_drawn_behind_the_cascade_in_order_and_bounded() -> None:
     import threading
 
