@@ -25,6 +25,7 @@ pydicom's full-resolution decode.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -32,6 +33,8 @@ import glob
 import importlib.util
 import os
 import struct
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,6 +287,12 @@ def _load(path: str) -> tuple[ctypes.CDLL, str] | None:
             function.restype = restype
     except AttributeError:
         return None
+    # OpenJPEG 2.2+: code-blocks of one image decoded by several threads (a build without thread
+    # support has the function and returns false, in which case one thread decodes).
+    threads = getattr(lib, "opj_codec_set_threads", None)
+    if threads is not None:
+        threads.argtypes = [c_void_p, c_int]
+        threads.restype = c_int
     return lib, version
 
 
@@ -308,10 +317,56 @@ def decoder_version() -> str | None:
     return None if found is None else found[1]
 
 
-def decode(data: bytes, reduce: int = 0, dtype: np.dtype | type = np.int32) -> np.ndarray:
+class _InFlight:
+    """How many :func:`decode` calls run at this moment in this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[int]:
+        with self._lock:
+            self.count += 1
+            now = self.count
+        try:
+            yield now
+        finally:
+            with self._lock:
+                self.count -= 1
+
+
+_IN_FLIGHT = _InFlight()
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def decode_threads(in_flight: int) -> int:
+    """OpenJPEG threads for one decode while ``in_flight`` decodes (itself included) run.
+
+    The CPUs this process may use, shared between the decodes running: a radiograph decoded alone
+    (a kiosk's one image, the latency that matters there) gets every core, while a read-ahead's
+    parallel decodes get one each, as before. ``$SPINE_EDGE_J2K_THREADS`` caps it (1 turns it off).
+    """
+    share = max(1, _cpus() // max(1, in_flight))
+    configured = os.environ.get("SPINE_EDGE_J2K_THREADS", "").strip()
+    if configured.isdigit() and int(configured) >= 1:
+        share = min(share, int(configured))
+    return share
+
+
+def decode(data: bytes, reduce: int = 0, dtype: np.dtype | type = np.int32, threads: int | None = None) -> np.ndarray:
     """Decode a single-component JPEG 2000 codestream (or JP2 file) at a resolution level.
 
-    The GIL is released while OpenJPEG works, so several threads decode in parallel.
+    The GIL is released while OpenJPEG works, so several threads decode in parallel; one image's
+    code-blocks are also split over OpenJPEG's own worker threads (:func:`decode_threads`: all
+    cores for a decode that runs alone; measured on a real-size 1,953 px file, 2 cores: full decode
+    970 → 600 ms, level 1 264 → 153 ms, the same samples).
 
     Args:
         data: The codestream or JP2 file.
@@ -319,6 +374,8 @@ def decode(data: bytes, reduce: int = 0, dtype: np.dtype | type = np.int32) -> n
             exceed :attr:`CodestreamInfo.levels`.
         dtype: dtype of the result; OpenJPEG's int32 samples are converted while they are still the
             library's (one copy, not two). It must hold the codestream's precision.
+        threads: OpenJPEG worker threads for this image (1: the calling thread only; None:
+            :func:`decode_threads`; ignored by a library built without thread support).
 
     Returns:
         [H, W] samples of ``dtype`` (signed values already sign-extended by OpenJPEG).
@@ -327,6 +384,11 @@ def decode(data: bytes, reduce: int = 0, dtype: np.dtype | type = np.int32) -> n
         DecodeError: No library was found, the codestream has more than one component, or
             OpenJPEG failed (its error messages are in the exception).
     """
+    with _IN_FLIGHT.entered() as running:
+        return _decode(data, reduce, dtype, decode_threads(running) if threads is None else threads)
+
+
+def _decode(data: bytes, reduce: int, dtype: np.dtype | type, threads: int) -> np.ndarray:
     found = _openjp2()
     if found is None:
         raise DecodeError("no OpenJPEG library (libopenjp2 2.3 or newer) was found")
@@ -374,6 +436,8 @@ def decode(data: bytes, reduce: int = 0, dtype: np.dtype | type = np.int32) -> n
         lib.opj_set_default_decoder_parameters(parameters)
         if not lib.opj_setup_decoder(codec, parameters):
             raise DecodeError(_failure("setting up the decoder failed", messages))
+        if threads > 1 and hasattr(lib, "opj_codec_set_threads"):
+            lib.opj_codec_set_threads(codec, threads)
         lib.opj_stream_set_read_function(stream, callbacks[2])
         lib.opj_stream_set_skip_function(stream, callbacks[3])
         lib.opj_stream_set_seek_function(stream, callbacks[4])

@@ -167,3 +167,22 @@ def test_target_must_be_positive(j2k_file: Path, target: int) -> None:
 def test_decoder_reports_its_version() -> None:
     version = j2k.decoder_version()
     assert version is not None and tuple(int(p) for p in version.split(".")[:2]) >= (2, 3)
+
+
+def test_openjpeg_threads_decode_the_same_samples() -> None:
+    ds = build_test_dataset(phantom(), transfer_syntax="jpeg2000-lossless")
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    for level in (0, 1, 2):
+        one = j2k.decode(frame, level, np.uint16, threads=1)
+        np.testing.assert_array_equal(j2k.decode(frame, level, np.uint16, threads=2), one)
+        np.testing.assert_array_equal(j2k.decode(frame, level, np.uint16), one)  # automatic
+
+
+def test_decode_threads_share_the_cpus_between_running_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(j2k, "_cpus", lambda: 8)
+    monkeypatch.delenv("SPINE_EDGE_J2K_THREADS", raising=False)
+    assert [j2k.decode_threads(n) for n in (1, 2, 3, 8, 20)] == [8, 4, 2, 1, 1]
+    monkeypatch.setenv("SPINE_EDGE_J2K_THREADS", "2")
+    assert j2k.decode_threads(1) == 2 and j2k.decode_threads(8) == 1
+    monkeypatch.setenv("SPINE_EDGE_J2K_THREADS", "many")  # not a number: ignored
+    assert j2k.decode_threads(1) == 8
