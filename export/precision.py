@@ -727,6 +727,8 @@ def keep_float(qdq: onnx.ModelProto, fp32: onnx.ModelProto, names: Iterable[str]
     cannot fuse it. Weighted layers after it keep reading the quantised tensor, so they stay INT8,
     and so does the layer before it, because :func:`quantize_graph` keeps activations
     (``QDQKeepRemovableActivations``): that layer's own output still ends in a QuantizeLinear.
+    In the TensorRT graph (Q/DQ on weighted-layer inputs only) there is nothing to bypass: the
+    node reads the float tensor, and with every weighted layer kept, no Q/DQ is left at all.
     Which layers really run in float is then counted from the optimised graph
     (:mod:`spine_edge.export.coverage`). Q/DQ nodes and initialisers left unused are removed.
 

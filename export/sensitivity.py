@@ -206,7 +206,8 @@ def search_int8(
         order = [layer.name for layer in ranked]
         count = _first_passing(len(order), lambda k: within(order[:k]))
         # When even every weighted layer in float misses the gates, the error is not theirs (the
-        # activations' Q/DQ, or a gate no INT8 graph can meet): float layers would only cost speed.
+        # ONNX Runtime graph's activation Q/DQ, the TensorRT graph's FP16 body, or a gate no INT8
+        # graph can meet): float layers would only cost speed.
         kept = tuple(order[:count]) if count is not None else ()
     write_onnx(prec.keep_float(qdq, fp32, kept), out)
     coverage = count_int8_coverage(out, fp32_path)
