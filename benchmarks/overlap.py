@@ -18,6 +18,8 @@ overlap; :attr:`OverlapResult.serial_ratio` is what no overlap at all would give
 
 Run alone:
     python -m spine_edge.benchmarks.overlap demo/vindr/test_images --bundle runs/bundle
+    # the stages on separate cores (one model thread, one reader) on a 2-core box:
+    python -m spine_edge.benchmarks.overlap FOLDER --threads 1 --read-workers 1
 """
 
 from __future__ import annotations
@@ -229,13 +231,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--read-workers", type=int, default=2)
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="model threads [default: every core]; fewer than the cores leaves the rest to the readers",
+    )
     args = parser.parse_args(argv)
     paths = find_images(args.folder)
     if not paths:
         print(f"no images under {args.folder}", file=sys.stderr)
         return 2
     settings = CascadeConfig(
-        bundle=args.bundle, precision=args.precision, batch_size=args.batch_size, read_workers=args.read_workers
+        bundle=args.bundle,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        read_workers=args.read_workers,
+        threads=args.threads,
     )
     result = measure_overlap(settings, paths, args.images)
     for line in result.notes():
