@@ -383,9 +383,14 @@ class AccuracyReport:
                     lines.append(f"  - {verdict.role}: {text}")
             for role, coverage in v.int8_coverage.items():
                 floats = coverage.get("float_layers") or []
+                rule = (
+                    "by TensorRT's Q/DQ fusion rule"
+                    if "TensorRT" in str(coverage.get("counted_from", ""))
+                    else "after ONNX Runtime's optimisation"
+                )
                 lines.append(
-                    f"  - {role}: {_share(coverage)} of conv/matmul FLOPs run in INT8 kernels after ONNX Runtime's "
-                    f"optimisation; {len(floats)} layer(s) in float"
+                    f"  - {role}: {_share(coverage)} of conv/matmul FLOPs run in INT8 kernels {rule}; "
+                    f"{len(floats)} layer(s) in float"
                     + (f": {', '.join(floats[:8])}" if floats else "")
                     + (" …" if len(floats) > 8 else "")
                 )

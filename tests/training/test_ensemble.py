@@ -20,6 +20,7 @@ from spine_edge.training.checkpoints import CheckpointError
 from spine_edge.training.datasets import ClassificationDataset, read_prepared
 from spine_edge.training.ensemble import (
     collect_val_probs,
+    choose_weights,
     grid_search_weights,
     load_dernet,
     simplex_grid,
@@ -115,7 +116,12 @@ def test_cli_trains_classifiers_and_the_ensemble(cli_run: tuple[Path, list], tin
     assert [m["arch"] for m in document["members"]] == TINY_ARCHS
     assert [m["checkpoint"] for m in document["members"]] == [f"classifier_{a}.pt" for a in TINY_ARCHS]
     weights = np.array([m["weight"] for m in document["members"]])
-    assert weights.sum() == pytest.approx(1.0) and np.allclose(weights * 20, np.round(weights * 20))
+    search = document["search"]
+    assert weights.sum() == pytest.approx(1.0)
+    # 12 val images: no grid optimum beats the prior beyond chance there, so the profile's weights stay.
+    assert search["chosen"] == "prior" and weights.tolist() == search["default_weights"]
+    grid = np.array(search["grid_weights"])
+    assert np.allclose(grid * 20, np.round(grid * 20)) and search["grid_gain_ci_pt"][0] <= 0
     assert document["tta_views"] == [v.name for v in DEFAULT_VIEWS] and document["input_size"] == 64
     assert set(document["metrics"]) == {"ensemble", *TINY_ARCHS}
     assert document["search"]["candidates"] == 231 and document["search"]["n"] == 12
@@ -178,3 +184,21 @@ def test_cli_rejects_an_unknown_profile_or_arch(tiny_prepared: Path, tmp_path: P
     assert bad_profile.exit_code == EXIT_USAGE and "unknown profile 'huge'" in bad_profile.output
     bad_arch = runner.invoke(main, ["train", "classifier", "--profile", "tiny", "--arch", "resnet50", *common])
     assert bad_arch.exit_code == EXIT_USAGE and "has no classifier 'resnet50'" in bad_arch.output
+
+
+def test_the_grid_optimum_is_kept_only_when_its_gain_is_beyond_chance() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 100)
+    signal = labels + rng.normal(0, 0.8, labels.size)  # one informative score
+    # Three equally informative members: the grid's optimum is luck, and the prior stays.
+    alike = np.stack([labels + rng.normal(0, 0.8, labels.size) for _ in range(3)])
+    kept = choose_weights(alike, labels, 0.05, (0.42, 0.32, 0.26))
+    assert kept.source == "prior" and kept.weights == (0.42, 0.32, 0.26)
+    assert kept.gain_pt >= 0 and kept.gain_low_pt <= 0 <= kept.gain_high_pt
+    # One informative member and two that are noise: the prior's weight on noise costs AUROC beyond chance.
+    mixed = np.stack([rng.normal(0, 1, labels.size), rng.normal(0, 1, labels.size), signal])
+    chosen = choose_weights(mixed, labels, 0.05, (0.42, 0.32, 0.26))
+    assert chosen.source == "grid" and chosen.weights == chosen.grid_weights and chosen.weights[2] >= 0.8
+    assert chosen.gain_low_pt > 0
+    # A prior that does not fit the members leaves the grid's optimum.
+    assert choose_weights(mixed, labels, 0.05, ()).source == "grid"
