@@ -281,15 +281,30 @@ def compare_detections(
         mean_iou=float(np.mean(matched_ious)) if matched_ious else (1.0 if ref_total == 0 else 0.0),
         ap=_box_weighted_ap(per_class),
         per_class=tuple(per_class),
-        class_mean_ap=float(np.mean([c.ap for c in per_class])) if per_class else 1.0,
+        class_mean_ap=_class_mean_ap(per_class),
     )
 
 
+def _class_mean_ap(per_class: Sequence[ClassAgreement]) -> float:
+    """Plain mean of the per-class APs over the classes the reference has boxes of (pycocotools' rule)."""
+    scored = [c.ap for c in per_class if c.ref_boxes]
+    if not scored:
+        return 0.0 if any(c.cand_boxes for c in per_class) else 1.0
+    return float(np.mean(scored))
+
+
 def _box_weighted_ap(per_class: Sequence[ClassAgreement]) -> float:
-    """Per-class AP weighted by each class's boxes (the larger of reference and candidate counts)."""
-    weights = np.array([max(c.ref_boxes, c.cand_boxes) for c in per_class], dtype=np.float64)
-    if not per_class or weights.sum() == 0:
-        return 1.0
+    """Per-class AP weighted by each class's reference boxes; classes without one are left out, as in COCO.
+
+    A class the reference has no box of has no AP (its candidate boxes are counted in ``cand_boxes``
+    against ``matched``). Weighting it by its candidate boxes, as an earlier revision did, scored a
+    candidate identical to FP32 at 0.56: build-engines' parity check decodes the candidate down to half
+    the confidence threshold, so low-score boxes of another class appeared with AP 0. Only a reference
+    with no box at all is judged by the candidate's boxes alone: 1.0 when it has none either, else 0.0.
+    """
+    weights = np.array([c.ref_boxes for c in per_class], dtype=np.float64)
+    if weights.sum() == 0:
+        return 0.0 if any(c.cand_boxes for c in per_class) else 1.0
     return float(np.dot(weights, [c.ap for c in per_class]) / weights.sum())
 
 
