@@ -19,8 +19,8 @@ from spine_edge.metrics import evaluate_classification
 from spine_edge.training.checkpoints import CheckpointError
 from spine_edge.training.datasets import ClassificationDataset, read_prepared
 from spine_edge.training.ensemble import (
-    collect_val_probs,
     choose_weights,
+    collect_val_probs,
     grid_search_weights,
     load_dernet,
     simplex_grid,
