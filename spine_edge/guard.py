@@ -591,8 +591,8 @@ def check_ood(score: float, threshold: float | None, policy: OodPolicy = "refuse
     if threshold is None or (np.isfinite(score) and score <= threshold):
         return GuardDecision()
     reason = (
-        f"unlike the spine radiographs the model was trained on (in-distribution score {score:.1f}, "
-        f"limit {threshold:.1f} from validation images): check that this is a spine radiograph"
+        f"unlike the spine radiographs the model was trained on (in-distribution score {score:.3g}, "
+        f"limit {threshold:.3g} from validation images): check that this is a spine radiograph"
     )
     if policy == "refuse":
         return GuardDecision(Refusal("out_of_distribution", reason))

@@ -136,8 +136,11 @@ def test_ood_rule_refuses_or_flags() -> None:
     assert (
         refused.refusal is not None
         and refused.refusal.code == "out_of_distribution"
-        and "5.0" in refused.refusal.reason
+        and "score 5, limit 1.4" in refused.refusal.reason
     )
+    # Three significant digits: a score just above a small limit reads as above it, not "0.1, limit 0.1".
+    close = check_ood(0.131, 0.102).refusal
+    assert close is not None and "score 0.131, limit 0.102" in close.reason
     flagged = check_ood(5.0, 1.4, policy="flag")
     assert not flagged.refused and flagged.flags[0].code == "out_of_distribution"
     assert check_ood(float("nan"), 1.4).refused
