@@ -203,6 +203,10 @@ class OodInfo:
             Mahalanobis distance per feature of the pooled backbone features).
         val_median: Median validation score (about 1 when validation resembles training).
         train_median: Median score of the training images the Gaussians were fitted on.
+        per_graph: The threshold of each lower-precision classifier graph (file name), chosen by the
+            same rule on that graph's own validation scores: quantised features move the score (the
+            demo's INT8 graph by a median 0.029 against a limit of 0.10), so FP32's threshold would
+            refuse radiographs FP32 accepts. :attr:`threshold` is the FP32 graph's.
     """
 
     threshold: float
@@ -211,6 +215,11 @@ class OodInfo:
     method: str = "mahalanobis-ledoit-wolf"
     val_median: float | None = None
     train_median: float | None = None
+    per_graph: dict[str, float] = field(default_factory=dict)
+
+    def threshold_for(self, graph: str) -> float:
+        """The threshold of a classifier graph (its ONNX file name), FP32's for a graph without its own."""
+        return self.per_graph.get(Path(graph).name, self.threshold)
 
 
 @dataclass(frozen=True)
@@ -553,12 +562,14 @@ def _ood(o: Any, where: str) -> OodInfo:
     medians = {}
     for key in ("val_median", "train_median"):
         medians[key] = None if o.get(key) is None else _number(o, key, where, 0.0, math.inf)
+    graphs = _object(o.get("per_graph", {}), f"{where}.per_graph")
     return OodInfo(
         threshold=_number(o, "threshold", where, 0.0, math.inf),
         percentile=_number(o, "percentile", where, 0.0, 100.0, low_open=True),
         n_val=_int(o, "n_val", where, 1, 10**9),
         method=_str(o, "method", where, "mahalanobis-ledoit-wolf", empty=False),
         **medians,
+        per_graph={name: _number(graphs, name, f"{where}.per_graph", 0.0, math.inf) for name in graphs},
     )
 
 
@@ -695,6 +706,11 @@ def load_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     if verify:
         verify_files(folder, manifest)
     return manifest
+
+
+def graph_source(entry: ModelEntry) -> str:
+    """The bundle's ONNX graph behind an entry: its own file, or the file a built entry was built from."""
+    return entry.build.source if entry.build is not None and entry.build.source else entry.file
 
 
 def model_path(bundle: str | Path, entry: ModelEntry) -> Path:

@@ -63,7 +63,7 @@ from spine_edge.backends import (
     select_model,
 )
 from spine_edge.backends.onnxruntime import ProviderChoice
-from spine_edge.bundle import Manifest, Role, default_bundle_path, load_manifest
+from spine_edge.bundle import Manifest, Role, default_bundle_path, graph_source, load_manifest
 from spine_edge.errors import BackendError, BundleError, ImageReadError
 from spine_edge.guard import (
     OOD_POLICIES,
@@ -335,7 +335,11 @@ class Cascade:
         # Bundles exported before the in-distribution score (or without training images) have no such
         # output: their records carry no score and the learned rule is off.
         self._ood_name = next((o.name for o in classifier.selection.entry.outputs if o.role == "ood_score"), None)
-        self._ood_threshold = manifest.classifier.ood.threshold if manifest.classifier.ood is not None else None
+        self._ood_threshold = (
+            manifest.classifier.ood.threshold_for(graph_source(classifier.selection.entry))
+            if manifest.classifier.ood is not None
+            else None
+        )
         self._rules = config.guard_rules if config.guard else None
         channels = next(s.shape[1] for s in detector.selection.entry.outputs if s.name == self._raw_name)
         if isinstance(channels, int) and channels != 4 + len(manifest.detector.class_names):

@@ -134,6 +134,26 @@ def test_export_writes_the_score_and_its_threshold(exported_bundle) -> None:  # 
     assert ood.threshold >= (ood.val_median or 0) > 0
     for entry in (e for e in manifest.models if e.role == "classifier"):  # every precision carries the score
         assert entry.output("ood_score").shape == ("batch",)
+    # Each lower-precision graph has its own threshold, from its own validation scores.
+    lower = {e.file for e in manifest.models if e.role == "classifier" and e.precision != "fp32"}
+    assert lower and set(ood.per_graph) == lower
+    assert all(value > 0 for value in ood.per_graph.values())
+    assert ood.threshold_for("classifier.fp32.onnx") == ood.threshold
+    for name, value in ood.per_graph.items():
+        assert ood.threshold_for(name) == value and ood.threshold_for(f"cpu/{name}") == value
+
+
+def test_the_cascade_uses_the_threshold_of_the_graph_it_runs() -> None:
+    from spine_edge.bundle import BuildInfo, ModelEntry, OodInfo, graph_source
+
+    ood = OodInfo(threshold=0.10, percentile=99.0, n_val=100, per_graph={"classifier.int8.trt.onnx": 0.14})
+    plain = ModelEntry("classifier", "int8", "onnx", "classifier.int8.trt.onnx", "0" * 64, (), (), "tensorrt")
+    built = ModelEntry(
+        "classifier", "int8", "onnx", "cpu/classifier.int8.abc.opt.onnx", "0" * 64, (), (), "tensorrt",
+        build=BuildInfo(builder="onnxruntime", builder_version="1", device="cpu", source="classifier.int8.trt.onnx"),
+    )  # fmt: skip
+    assert ood.threshold_for(graph_source(plain)) == ood.threshold_for(graph_source(built)) == 0.14
+    assert ood.threshold_for("classifier.fp16.onnx") == 0.10  # no threshold of its own: FP32's
 
 
 def test_validation_weights_damp_an_unstable_member_and_fold_into_the_whitening() -> None:
