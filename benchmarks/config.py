@@ -30,6 +30,9 @@ REFERENCE: Final = "fp32"
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 #: Label of the TensorRT INT8 Q/DQ graphs when bench also evaluates them on ONNX Runtime (export's variant name).
 TENSORRT_INT8 = "int8-trt"
+#: The TensorRT Q/DQ graph as OpenVINO runs it (FP32 body, OpenVINO's INT8 kernels): what ``int8`` runs
+#: on a CPU box where build-engines picked OpenVINO, a different execution from TensorRT's FP16 body.
+TENSORRT_INT8_OPENVINO = "int8-trt-openvino"
 #: Stages a per-stage budget may name.
 BUDGET_STAGES: tuple[str, ...] = (*STAGES, END_TO_END)
 
@@ -157,8 +160,14 @@ def plan_precisions(manifest: Manifest, config: BenchConfig) -> BenchPlan:
             and _has_tensorrt_int8(manifest, cascade.provider)
         ):
             # The TensorRT Q/DQ graphs run on a CPU too: their accuracy is measured on the test split
-            # here, before a GPU box ever builds an engine from them.
-            accuracy.append((TENSORRT_INT8, backend, cascade.provider))
+            # here, before a GPU box ever builds an engine from them, through ONNX Runtime as export
+            # judges them (so both tools judge the same execution). On an OpenVINO box, OpenVINO's
+            # execution of that graph, the one its int8 latency row runs, gets a row of its own.
+            if backend == "openvino":
+                accuracy.append((TENSORRT_INT8, "onnxruntime", "cpu"))
+                accuracy.append((TENSORRT_INT8_OPENVINO, backend, cascade.provider))
+            else:
+                accuracy.append((TENSORRT_INT8, backend, cascade.provider))
     # OpenVINO (chosen by build-engines where it was faster) has no FP16 on a CPU: FP16's accuracy is
     # measured on ONNX Runtime above, its latency is not part of the OpenVINO table.
     return BenchPlan(backend, tuple(p for p in wanted if runs_on(backend, p)), tuple(accuracy))
@@ -180,4 +189,4 @@ def _has_tensorrt_int8(manifest: Manifest, provider: ProviderChoice | None) -> b
 
 def accuracy_cascade(label: str) -> tuple[str, GraphTarget | None]:
     """The precision and graph target a label of :attr:`BenchPlan.accuracy` runs (``int8-trt`` → int8, tensorrt)."""
-    return ("int8", "tensorrt") if label == TENSORRT_INT8 else (label, None)
+    return ("int8", "tensorrt") if label in (TENSORRT_INT8, TENSORRT_INT8_OPENVINO) else (label, None)

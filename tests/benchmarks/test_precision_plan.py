@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from spine_edge.backends import select_model
-from spine_edge.benchmarks.config import TENSORRT_INT8, BenchConfig, accuracy_cascade, plan_precisions
+from spine_edge.benchmarks.config import (
+    TENSORRT_INT8,
+    TENSORRT_INT8_OPENVINO,
+    BenchConfig,
+    accuracy_cascade,
+    plan_precisions,
+)
 from spine_edge.cascade import CascadeConfig
 from tests.export.conftest import write_bundle
 
@@ -46,6 +52,9 @@ def test_openvino_plan_measures_fp16_on_onnxruntime(tmp_path: Path) -> None:
     plan = plan_precisions(manifest, config)
     assert plan.backend == "openvino" and plan.latency == ("fp32", "int8")  # OpenVINO has no FP16 on a CPU
     by_label = {label: (backend, provider) for label, backend, provider in plan.accuracy}
-    # Both INT8 graphs measured: ONNX Runtime's own on ONNX Runtime, the TensorRT one on OpenVINO.
+    # Both INT8 graphs measured: ONNX Runtime's own on ONNX Runtime; the TensorRT one through ONNX Runtime
+    # as export judges it, and as OpenVINO runs it (what int8 runs on this box), each on its own row.
     assert by_label["fp16"] == ("onnxruntime", "cpu") and by_label["int8"] == ("onnxruntime", "cpu")
-    assert by_label[TENSORRT_INT8][0] == "openvino"
+    assert by_label[TENSORRT_INT8] == ("onnxruntime", "cpu")
+    assert by_label[TENSORRT_INT8_OPENVINO][0] == "openvino"
+    assert accuracy_cascade(TENSORRT_INT8_OPENVINO) == ("int8", "tensorrt")
