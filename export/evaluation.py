@@ -26,7 +26,7 @@ import onnx
 from spine_edge.constants import CLASSIFIER_PAD_VALUE, DETECTOR_PAD_VALUE
 from spine_edge.errors import DatasetError, SpineEdgeError
 from spine_edge.export.bundle_writer import AccuracyReport, PrecisionAccuracy
-from spine_edge.export.classifier_graph import CAM_NAME, INPUT_NAME, PROB_NAME, member_scope
+from spine_edge.export.classifier_graph import CAM_NAME, INPUT_NAME, OOD_NAME, PROB_NAME, member_scope
 from spine_edge.export.detector_graph import OUTPUT_NAME
 from spine_edge.imageio import read_image
 from spine_edge.metrics import (
@@ -219,11 +219,13 @@ class ClassifierRun:
         prob: Ensemble probability ``[N]``.
         members: Member probabilities ``[M, N]``.
         cam: Class-activation maps ``[N, h, w]``.
+        ood: In-distribution scores ``[N]``, when the graph has them (:attr:`EvalSettings.ood_score`).
     """
 
     prob: np.ndarray
     members: np.ndarray
     cam: np.ndarray
+    ood: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,8 @@ class EvalSettings:
             deployed confidence threshold; see :func:`spine_edge.verdict.judge_detector`).
         max_det: Detections kept per image.
         bootstrap: The paired bootstrap of the verdict's intervals.
+        ood_score: The classifier graphs output the in-distribution score: every run collects it, so
+            each graph's own threshold comes from the run that judged it.
     """
 
     threshold: float
@@ -253,6 +257,7 @@ class EvalSettings:
     agreement_conf: float = 0.0
     max_det: int = MAP_MAX_DET
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
+    ood_score: bool = False
 
     def describe_detection(self) -> dict[str, Any]:
         """How detections were produced for mAP (the report's ``detector_eval``)."""
@@ -268,8 +273,9 @@ class EvalSettings:
 def run_classifier(model: Path | onnx.ModelProto, data: EvalSet, settings: EvalSettings) -> ClassifierRun:
     """Ensemble and member probabilities of a classifier graph on the evaluation set."""
     tensors = settings.member_tensors
-    out = run_graph(model, data.classifier_canvases, [PROB_NAME, CAM_NAME, *tensors], settings.batch_size)
-    return ClassifierRun(out[PROB_NAME], np.stack([out[name] for name in tensors]), out[CAM_NAME])
+    names = [PROB_NAME, CAM_NAME, *tensors, *([OOD_NAME] if settings.ood_score else [])]
+    out = run_graph(model, data.classifier_canvases, names, settings.batch_size)
+    return ClassifierRun(out[PROB_NAME], np.stack([out[name] for name in tensors]), out[CAM_NAME], out.get(OOD_NAME))
 
 
 def run_detector(model: Path | onnx.ModelProto, data: EvalSet, settings: EvalSettings) -> tuple[ImageBoxes, ...]:
@@ -292,10 +298,12 @@ class ClassifierComparison:
     Attributes:
         metrics: Its metrics at τ.
         verdict: Fidelity, ΔAUROC with its interval, and the verdict (:func:`spine_edge.verdict.judge_classifier`).
+        ood_scores: Its in-distribution scores on the evaluation set, from the same run (None without them).
     """
 
     metrics: ClassificationMetrics
     verdict: RoleVerdict
+    ood_scores: np.ndarray | None = None
 
     @property
     def delta_auroc_pt(self) -> float:
@@ -375,7 +383,7 @@ class Evaluation:
             self.settings.bootstrap,
         )
         return ClassifierComparison(
-            evaluate_classification(self.data.labels, run.prob, self.settings.threshold), verdict
+            evaluate_classification(self.data.labels, run.prob, self.settings.threshold), verdict, run.ood
         )
 
     def compare_detector(self, detections: Sequence[ImageBoxes], precision: str) -> DetectorComparison:

@@ -36,7 +36,6 @@ from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from spine_edge.bundle import ROLES as MODEL_ROLES
@@ -50,7 +49,7 @@ from spine_edge.export.bundle_writer import (
     write_accuracy_report,
 )
 from spine_edge.export.calibration import CalibrationSet, calibrate_graphs
-from spine_edge.export.classifier_graph import OOD_NAME, attach_ood, build_ensemble, read_ensemble_spec
+from spine_edge.export.classifier_graph import attach_ood, build_ensemble, read_ensemble_spec
 from spine_edge.export.config import ExportConfig
 from spine_edge.export.detector_graph import build_detector_module, read_detector_json
 from spine_edge.export.engines import clear_stale_caches, parity_path, write_parity_set
@@ -62,10 +61,8 @@ from spine_edge.export.evaluation import (
     assemble_report,
     evaluate_fp32,
     read_eval_set,
-    run_graph,
 )
 from spine_edge.export.ood import choose_threshold
-from spine_edge.export.precision import emulate_fp16
 from spine_edge.export.sources import ExportSources, check_sources, resolve_data
 from spine_edge.export.variants import (
     FILE_NAMES,
@@ -170,7 +167,7 @@ def run_export(config: ExportConfig) -> ExportResult:
             config.parity_images,
         )
         del detector_module  # the traced module is the largest object of the run; nothing needs it now
-        evaluation = _evaluate_reference(config, sources, fp32, data) if data is not None else None
+        evaluation = _evaluate_reference(config, sources, fp32, data, ood is not None) if data is not None else None
     variants: list[Variant] = []
     if "fp16" in config.precisions:
         with _timed(timings, "fp16 graphs"):
@@ -180,9 +177,8 @@ def run_export(config: ExportConfig) -> ExportResult:
         assert evaluation is not None and paths.calib_data is not None  # resolve_data: INT8 needs both
         calibration, int8 = _int8_variants(config, sources, fp32, evaluation, paths.calib_data, timings)
         variants.extend(int8)
-    if ood is not None and data is not None:
-        with _timed(timings, "in-distribution thresholds per graph"):
-            ood = _per_graph_thresholds(ood, variants, data, config.batch_size)
+    if ood is not None:
+        ood = _per_graph_thresholds(ood, variants)
     graphs = [fp32.classifier, fp32.detector, *(g for v in variants for g in v.graphs)]
     entries = [model_entry_of(out, graph) for graph in graphs]
     report = build_accuracy_report(evaluation, variants, fp32.parity, sources.trained_on)
@@ -203,27 +199,25 @@ def run_export(config: ExportConfig) -> ExportResult:
     )
 
 
-def _per_graph_thresholds(ood: OodInfo, variants: Sequence[Variant], data: EvalSet, batch_size: int) -> OodInfo:
+def _per_graph_thresholds(ood: OodInfo, variants: Sequence[Variant]) -> OodInfo:
     """Each lower-precision classifier graph's own threshold, by FP32's rule on its own validation scores.
 
-    The graphs run as export judges them: FP16 tensors through the exact FP16 emulation (the FP16
-    graph, and the TensorRT INT8 graph's FP16 body), the ONNX Runtime INT8 graph as it is.
+    The scores are those of the run that judged the graph (:attr:`ClassifierComparison.ood_scores`),
+    so each graph is scored as export judged it: FP16 tensors through the exact FP16 emulation (the
+    FP16 graph, the TensorRT INT8 graph's FP16 body), the ONNX Runtime INT8 graph as it is.
     """
     per_graph: dict[str, float] = {}
     for variant in variants:
-        for graph in variant.graphs:
-            if graph.role != "classifier":
-                continue
-            model = onnx.load(str(graph.path))
-            if variant.variant in ("fp16", "int8-trt"):
-                model = emulate_fp16(model)
-            scores = run_graph(model, data.classifier_canvases, [OOD_NAME], batch_size)[OOD_NAME]
-            chosen = choose_threshold(scores, np.empty(0), ood.percentile)
-            per_graph[graph.path.name] = chosen.threshold
-            log.info(
-                "export: in-distribution threshold of %s: %.3f (FP32 graph %.3f; median score %.3f)",
-                graph.path.name, chosen.threshold, ood.threshold, chosen.val_median,
-            )  # fmt: skip
+        scores = None if variant.classifier is None else variant.classifier.ood_scores
+        if scores is None:
+            continue
+        graph = next(g for g in variant.graphs if g.role == "classifier")
+        chosen = choose_threshold(scores, np.empty(0), ood.percentile)
+        per_graph[graph.path.name] = chosen.threshold
+        log.info(
+            "export: in-distribution threshold of %s: %.3f (FP32 graph %.3f; median score %.3f)",
+            graph.path.name, chosen.threshold, ood.threshold, chosen.val_median,
+        )  # fmt: skip
     return replace(ood, per_graph=per_graph)
 
 
@@ -246,7 +240,9 @@ def _fit_ood(ensemble: torch.nn.Module, train_data: Path, sources: ExportSources
     )
 
 
-def _evaluate_reference(config: ExportConfig, sources: ExportSources, fp32: Fp32Graphs, data: EvalSet) -> Evaluation:
+def _evaluate_reference(
+    config: ExportConfig, sources: ExportSources, fp32: Fp32Graphs, data: EvalSet, ood_score: bool
+) -> Evaluation:
     """Run the FP32 graphs on the evaluation set: the reference of every lower precision."""
     settings = EvalSettings(
         threshold=sources.spec.threshold,
@@ -256,6 +252,7 @@ def _evaluate_reference(config: ExportConfig, sources: ExportSources, fp32: Fp32
         map_conf=config.map_conf,
         iou=sources.iou,
         agreement_conf=sources.conf,
+        ood_score=ood_score,
     )
     return evaluate_fp32(fp32.classifier.path, fp32.detector.path, data, settings)
 
