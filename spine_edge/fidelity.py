@@ -287,10 +287,7 @@ def compare_detections(
 
 def _class_mean_ap(per_class: Sequence[ClassAgreement]) -> float:
     """Plain mean of the per-class APs over the classes the reference has boxes of (pycocotools' rule)."""
-    scored = [c.ap for c in per_class if c.ref_boxes]
-    if not scored:
-        return 0.0 if any(c.cand_boxes for c in per_class) else 1.0
-    return float(np.mean(scored))
+    return _weighted_ap(per_class, [1.0 if c.ref_boxes else 0.0 for c in per_class])
 
 
 def _box_weighted_ap(per_class: Sequence[ClassAgreement]) -> float:
@@ -299,13 +296,17 @@ def _box_weighted_ap(per_class: Sequence[ClassAgreement]) -> float:
     A class the reference has no box of has no AP (its candidate boxes are counted in ``cand_boxes``
     against ``matched``). Weighting it by its candidate boxes, as an earlier revision did, scored a
     candidate identical to FP32 at 0.56: build-engines' parity check decodes the candidate down to half
-    the confidence threshold, so low-score boxes of another class appeared with AP 0. Only a reference
-    with no box at all is judged by the candidate's boxes alone: 1.0 when it has none either, else 0.0.
+    the confidence threshold, so low-score boxes of another class appeared with AP 0.
     """
-    weights = np.array([c.ref_boxes for c in per_class], dtype=np.float64)
-    if weights.sum() == 0:
+    return _weighted_ap(per_class, [float(c.ref_boxes) for c in per_class])
+
+
+def _weighted_ap(per_class: Sequence[ClassAgreement], weights: Sequence[float]) -> float:
+    """Weighted mean AP; a reference with no box at all is judged by the candidate's boxes alone (1.0 if none)."""
+    total = float(sum(weights))
+    if total == 0:
         return 0.0 if any(c.cand_boxes for c in per_class) else 1.0
-    return float(np.dot(weights, [c.ap for c in per_class]) / weights.sum())
+    return float(np.dot(weights, [c.ap for c in per_class]) / total)
 
 
 @dataclass(frozen=True)

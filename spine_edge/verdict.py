@@ -320,6 +320,11 @@ def delta_interval(
     )
 
 
+def paired_counts(n: int, settings: BootstrapSettings) -> np.ndarray:
+    """``[1 + n_boot, n]`` image multiplicities: every image once (the point estimate), then the resamples."""
+    return _with_all_images(resample_counts(resample_indices(n, settings)))
+
+
 def _with_all_images(counts: np.ndarray) -> np.ndarray:
     """Row 0: every image once (the point estimate); then the resamples."""
     return np.vstack([np.ones((1, counts.shape[1])), counts])
@@ -469,7 +474,7 @@ def judge_classifier(
     ref = np.asarray(reference_probs, dtype=np.float64).ravel()
     cand = np.asarray(candidate_probs, dtype=np.float64).ravel()
     fidelity = compare_classifier(ref, cand, threshold)
-    counts = _with_all_images(resample_counts(resample_indices(len(y), settings)))
+    counts = paired_counts(len(y), settings)
     task = delta_interval(
         "auroc", weighted_auroc(y, ref, counts), weighted_auroc(y, cand, counts), gate.auroc_pt, settings
     )
@@ -542,7 +547,7 @@ def judge_detector(
         [_as_detections(b, agreement_conf) for b in candidate],
         iou,
     )
-    counts = _with_all_images(resample_counts(resample_indices(len(truth), settings)))
+    counts = paired_counts(len(truth), settings)
     task = delta_interval(
         "map50",
         weighted_map50(truth, reference, counts, iou),

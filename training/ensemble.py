@@ -237,22 +237,24 @@ def choose_weights(
         n_boot: Bootstrap resamples.
         seed: Their seed.
     """
-    from spine_edge.verdict import BootstrapSettings, resample_counts, resample_indices, weighted_auroc
+    from spine_edge.verdict import BootstrapSettings, delta_interval, paired_counts, weighted_auroc
 
     grid, _ = grid_search_weights(probs, labels, step)
     prior_w = np.asarray(prior, dtype=np.float64)
     if prior_w.size != np.asarray(probs).shape[0]:
         return WeightChoice(grid, "grid", grid, math.nan, math.nan, math.nan)
     settings = BootstrapSettings(n_boot=n_boot, seed=seed)
-    counts = np.vstack([np.ones((1, len(labels))), resample_counts(resample_indices(len(labels), settings))])
-    gains = (
-        weighted_auroc(labels, np.asarray(grid) @ probs, counts) - weighted_auroc(labels, prior_w @ probs, counts)
-    ) * 100.0
-    resampled = gains[1:][~np.isnan(gains[1:])]
-    low, high = (float(v) for v in np.percentile(resampled, [2.5, 97.5])) if resampled.size else (math.nan, math.nan)
-    significant = not math.isnan(low) and low > 0.0
+    counts = paired_counts(len(labels), settings)
+    gain = delta_interval(
+        "auroc",
+        weighted_auroc(labels, prior_w @ probs, counts),
+        weighted_auroc(labels, np.asarray(grid) @ probs, counts),
+        0.0,
+        settings,
+    )
+    significant = not math.isnan(gain.low_pt) and gain.low_pt > 0.0
     weights = grid if significant else tuple(float(w) for w in prior_w)
-    return WeightChoice(weights, "grid" if significant else "prior", grid, float(gains[0]), low, high)
+    return WeightChoice(weights, "grid" if significant else "prior", grid, gain.delta_pt, gain.low_pt, gain.high_pt)
 
 
 def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
