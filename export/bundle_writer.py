@@ -385,7 +385,7 @@ class AccuracyReport:
                 floats = coverage.get("float_layers") or []
                 rule = (
                     "by TensorRT's Q/DQ fusion rule"
-                    if "TensorRT" in str(coverage.get("counted_from", ""))
+                    if coverage.get("rule") == "tensorrt"
                     else "after ONNX Runtime's optimisation"
                 )
                 lines.append(

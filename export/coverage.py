@@ -22,7 +22,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -131,6 +131,7 @@ class Int8Coverage:
             QuantizeLinear, with layout transposes around them).
         activation_qdq: QuantizeLinear / DequantizeLinear nodes on activations left after
             optimisation (each a float↔int8 pass over a tensor at run time).
+        rule: Whose fusion decided: ``onnxruntime`` (its optimised graph) or ``tensorrt`` (its Q/DQ rule).
     """
 
     layers: tuple[LayerKernel, ...]
@@ -138,6 +139,7 @@ class Int8Coverage:
     counted_from: str
     float_islands: dict[str, int] = field(default_factory=dict)
     activation_qdq: int = 0
+    rule: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
 
     @property
     def int8_flops(self) -> float:
@@ -174,13 +176,15 @@ class Int8Coverage:
             "float_islands": dict(self.float_islands),
             "activation_qdq": self.activation_qdq,
             "counted_from": self.counted_from,
+            "rule": self.rule,
         }
 
     def describe(self) -> str:
-        """``93.1 % of conv/matmul FLOPs in INT8 (2 layers float: a, b)``."""
+        """``93.1 % of conv/matmul FLOPs in INT8 (2 layers float: a, b)``, and by whose rule for TensorRT."""
         floats = self.float_layers
         tail = f": {', '.join(floats[:5])}{', ...' if len(floats) > 5 else ''}" if floats else ""
-        return f"{self.int8_share:.1%} of conv/matmul FLOPs in INT8 ({len(floats)} layer(s) float{tail})"
+        text = f"{self.int8_share:.1%} of conv/matmul FLOPs in INT8 ({len(floats)} layer(s) float{tail})"
+        return f"{text} by TensorRT's Q/DQ fusion rule" if self.rule == "tensorrt" else text
 
 
 def _weight_owners(fp32: onnx.ModelProto) -> dict[str, str]:
@@ -293,6 +297,7 @@ def count_tensorrt_int8_coverage(int8_path: Path, fp32_path: Path) -> Int8Covera
             for name, value in flops.items()
         ),
         float_ops=(),
+        rule="tensorrt",
         counted_from="TensorRT explicit-quantisation rule on the graph (input and weights from DequantizeLinear); "
         "a lower-precision engine's layer information confirms it on a GPU",
     )

@@ -365,6 +365,7 @@ def build_int8_variant(
             write_onnx(body, search.path)
             fp16_shares[role] = prec.fp16_share(body)
             coverage[role] = count_tensorrt_int8_coverage(search.path, source.path)
+            log.info("export: %s tensorrt INT8: %s", role, coverage[role].describe())
         how = (
             "Q/DQ graph for tensorrt with an FP16 body (opset 19, float16 scales), measured through the exact "
             "FP16 emulation on ONNX Runtime CPU; the per-layer search edited its FP32-body twin."
@@ -377,7 +378,7 @@ def build_int8_variant(
         if target == "tensorrt":
             # ONNX Runtime's CPU fusion wants int32 biases; TensorRT fuses these float-bias Q/DQ convs itself.
             notes = (
-                f"{int8_description(target, result)} {coverage[role].describe()}, by TensorRT's Q/DQ fusion rule "
+                f"{int8_description(target, result)} {coverage[role].describe()} "
                 f"(ONNX Runtime CPU fuses {search.coverage.int8_share:.1%}: it wants int32 biases)."
             )
         else:

@@ -165,4 +165,8 @@ def test_tensorrt_coverage_follows_its_qdq_fusion_rule_on_the_fp16_body(tmp_path
         # conv1 reads a float input and FP32 weights (kept float); the head's MatMul reads quantised ones.
         assert coverage.float_layers == ("/conv1/Conv",), graph.name
         assert coverage.int8_share == pytest.approx(1 - flops["/conv1/Conv"] / sum(flops.values()))
+        # The record says whose rule counted it; the report's wording follows that field.
+        assert coverage.to_dict()["rule"] == "tensorrt" and coverage.describe().endswith(
+            "by TensorRT's Q/DQ fusion rule"
+        )
     assert count_tensorrt_int8_coverage(fp32, fp32).int8_share == 0.0
