@@ -685,14 +685,17 @@ def _float_for_unweighted_readers(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in graph.node:
         if node.op_type in _WEIGHTED_OPS or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        for i, name in enumerate(node.input):
-            dequant = producer.get(name)
-            if dequant is None or dequant.op_type != "DequantizeLinear":
-                continue
-            quant = producer.get(dequant.input[0])
-            if quant is not None and quant.op_type == "QuantizeLinear":
-                node.input[i] = quant.input[0]
+        node.input[:] = [_float_behind(producer, name) for name in node.input]
     return model
+
+
+def _float_behind(producer: dict[str, onnx.NodeProto], name: str) -> str:
+    """The float tensor behind ``DequantizeLinear(QuantizeLinear(x))``, else ``name`` itself."""
+    dequant = producer.get(name)
+    if dequant is None or dequant.op_type != "DequantizeLinear":
+        return name
+    quant = producer.get(dequant.input[0])
+    return quant.input[0] if quant is not None and quant.op_type == "QuantizeLinear" else name
 
 
 def _calibration_method(name: CalibrationMethodName) -> Any:
@@ -757,14 +760,6 @@ def keep_float(qdq: onnx.ModelProto, fp32: onnx.ModelProto, names: Iterable[str]
     present = {t.name for t in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
 
-    def float_source(name: str) -> str:
-        """The float tensor behind ``DequantizeLinear(QuantizeLinear(x))``, else ``name`` itself."""
-        dequant = producer.get(name)
-        if dequant is None or dequant.op_type != "DequantizeLinear":
-            return name
-        quant = producer.get(dequant.input[0])
-        return quant.input[0] if quant is not None and quant.op_type == "QuantizeLinear" else name
-
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -783,7 +778,7 @@ def keep_float(qdq: onnx.ModelProto, fp32: onnx.ModelProto, names: Iterable[str]
         inputs = list(node.input)
         for i, name in enumerate(originals[node.name].input):
             if name not in fp32_inits:
-                inputs[i] = float_source(inputs[i])
+                inputs[i] = _float_behind(producer, inputs[i])
                 continue
             # The quantiser may reuse an FP32 initialiser's name for its DequantizeLinear output (biases).
             local = f"{name}__fp32" if name in producer else name
