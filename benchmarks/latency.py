@@ -462,6 +462,11 @@ def time_model(
     Raises:
         ValueError: ``runs`` < 1, or the backend has more than one input.
     """
+    return timing_of(batch_size, time_model_calls(backend, canvases, batch_size, runs, warmup))
+
+
+def time_model_calls(backend: Backend, canvases: np.ndarray, batch_size: int, runs: int, warmup: int) -> list[float]:
+    """The milliseconds of each of ``runs`` timed calls (:func:`time_model`'s samples, for pooling runs)."""
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}")
     specs = backend.input_specs()
@@ -476,7 +481,12 @@ def time_model(
         start = time.perf_counter()
         backend.infer({name: feed})
         calls.append((time.perf_counter() - start) * 1e3)
-    per_call = np.asarray(calls)
+    return calls
+
+
+def timing_of(batch_size: int, calls: Sequence[float]) -> ModelTiming:
+    """A :class:`ModelTiming` from per-call milliseconds at ``batch_size``."""
+    per_call = np.asarray(calls, dtype=np.float64)
     return ModelTiming(batch_size, summarize_latency(per_call), summarize_latency(per_call / batch_size))
 
 

@@ -21,12 +21,18 @@ days; its *speed* does not depend on the weights. So :func:`run_paper_size`:
    again from the cache), and records both times;
 4. **times** each graph alone per library and precision (``fp32``/``int8`` on ONNX Runtime;
    ``fp32``/``bf16``/``int8`` on OpenVINO where installed, BF16 only where the CPU has it), one
-   library's session alive at a time, at batch 1 and the throughput batch, with FLOPs per image,
-   achieved GFLOP/s and this CPU's arithmetic floors (:func:`cpu_floors`);
+   session alive at a time, at batch 1 and the throughput batch, with FLOPs per image, achieved
+   GFLOP/s, this CPU's nominal floors (:func:`cpu_floors`) and the **measured ceilings** of this box
+   (large dense matrix products per library and precision, :mod:`spine_edge.benchmarks.ceiling`);
 5. times **decoding** a real-size JPEG 2000 radiograph (full and reduced resolution) and adds it to
    the models for the end-to-end figure of an abnormal image (both models run);
 6. runs **PyTorch eager** on the same modules, in a child process with the same thread count, glibc's
    allocator thresholds pinned (:func:`pin_allocator`) and warm-up runs, and reports its spread.
+
+Steps 4-6 run in **interleaved rounds** (``PaperSizeConfig.rounds``): every graph, the read stage,
+the ceilings and eager once per round, samples pooled, each round's median kept. A shared host whose
+speed drifts over the minutes of a run then slows every row alike, so the ratios against eager and
+between precisions stay those of one moment; the per-round medians show how much it drifted.
 
 Peak memory is the true peak of this process and its children (resident-set high-water marks,
 sampled, :class:`PeakMemory`), per phase. Random weights serve latency and INT8 speed, not accuracy:
@@ -65,7 +71,7 @@ import numpy as np
 from spine_edge.backends.base import Backend
 from spine_edge.backends.onnxruntime import OnnxRuntimeBackend, available_cores, cpu_model_name
 from spine_edge.benchmarks.flops import count_flops
-from spine_edge.benchmarks.latency import ModelTiming, summarize_latency, time_model
+from spine_edge.benchmarks.latency import ModelTiming, summarize_latency, time_model_calls, timing_of
 from spine_edge.benchmarks.progress import progress_bar
 from spine_edge.bundle import Role, sha256_file
 from spine_edge.constants import CLASS_NAMES, CLASSIFIER_PAD_VALUE, DETECTOR_PAD_VALUE, PAPER_THRESHOLD
@@ -89,6 +95,10 @@ CALIBRATION_LONG_SIDE = 1024
 SAMPLE_INTERVAL_S = 0.2
 #: The two INT8 graphs of each role and the target each is quantised for (``export.precision``).
 INT8_VARIANTS: dict[str, Literal["tensorrt", "onnxruntime"]] = {"int8-trt": "tensorrt", "int8-ort": "onnxruntime"}
+#: The phase that times the graphs, the read stage, PyTorch eager and the ceilings, round by round.
+TIMING_PHASE = "timing (interleaved rounds)"
+#: The two graphs of the cascade, in the order they are timed.
+ROLES: tuple[Role, ...] = ("classifier", "detector")
 #: Graph files per role and variant inside the work folder.
 GRAPH_FILES: dict[str, str] = {
     "fp32": "{role}.fp32.onnx",
@@ -154,7 +164,11 @@ class PaperSizeConfig:
         profile: The architectures; None means ``training.profiles.PAPER``.
         calib_images: Synthetic calibration images per graph.
         runs: Timed calls per graph, precision and batch size.
-        warmup: Untimed calls first.
+        warmup: Untimed calls first, in every round (each round opens its sessions again).
+        rounds: The timing is interleaved: each round times every graph, PyTorch eager, the read stage
+            and the arithmetic ceilings once, ``runs / rounds`` calls each, and the samples are pooled.
+            A host whose speed drifts over the minutes of a run (a shared VM: the same graph took
+            340 to 610 ms within one minute here) then slows every row alike, and the ratios stay fair.
         batch_sizes: Batch sizes per graph (1 is latency; larger ones are throughput).
         threads: Intra-op threads of every library (ONNX Runtime, OpenVINO, torch); None: the cores available.
         openvino: Also measure OpenVINO where it is installed.
@@ -167,8 +181,9 @@ class PaperSizeConfig:
     work: Path
     profile: StandInProfile | None = None
     calib_images: int = 32
-    runs: int = 10
-    warmup: int = 3
+    runs: int = 12
+    warmup: int = 2
+    rounds: int = 3
     batch_sizes: tuple[int, ...] = (1, 4)
     threads: int | None = None
     openvino: bool = True
@@ -182,18 +197,24 @@ class PaperSizeConfig:
             self.calib_images < 1
             or self.runs < 1
             or self.warmup < 0
+            or not 1 <= self.rounds <= self.runs
             or not self.batch_sizes
             or min(self.batch_sizes) < 1
         ):
             raise ValueError(
-                f"need calib_images >= 1, runs >= 1, warmup >= 0 and batch sizes >= 1; got {self.calib_images}, "
-                f"{self.runs}, {self.warmup}, {self.batch_sizes}"
+                f"need calib_images >= 1, runs >= 1, warmup >= 0, 1 <= rounds <= runs and batch sizes >= 1; got "
+                f"{self.calib_images}, {self.runs}, {self.warmup}, {self.rounds}, {self.batch_sizes}"
             )
+
+    @property
+    def runs_per_round(self) -> int:
+        """Timed calls per graph and batch size in each round (``runs`` split over the rounds, rounded up)."""
+        return -(-self.runs // self.rounds)
 
     @staticmethod
     def quick_preset(work: Path, **changes: Any) -> PaperSizeConfig:
         """Fewer calibration images and repeats: a first look in a fraction of the time (``--quick``)."""
-        quick = PaperSizeConfig(work=work, calib_images=4, runs=3, warmup=1, batch_sizes=(1,), decode_files=2)
+        quick = PaperSizeConfig(work=work, calib_images=4, runs=4, warmup=1, rounds=2, batch_sizes=(1,), decode_files=2)
         return replace(quick, **changes)
 
     def resolved_profile(self) -> StandInProfile:
@@ -693,8 +714,9 @@ class GraphRun:
         floor_ms: FLOPs over the CPU's peak for the units this precision can use (ms per image).
         peak_rss_mb: Peak memory while this graph was compiled and timed (process and children).
         runtime_precisions: OpenVINO: executed layers per runtime precision (empty for ONNX Runtime).
-        load_average: The 1-minute load average when its timing ended: on a shared box, how many other
-            runnable processes competed with it for the cores.
+        load_average: The highest 1-minute load average at the end of its rounds: on a shared box, how
+            many other runnable processes competed with it for the cores.
+        round_p50_ms: Median per-image time at batch 1 in each round: how much the box drifted.
         error: Why it did not run (empty when it ran).
     """
 
@@ -710,6 +732,7 @@ class GraphRun:
     peak_rss_mb: float | None = None
     runtime_precisions: dict[str, int] = field(default_factory=dict)
     load_average: float | None = None
+    round_p50_ms: tuple[float, ...] = ()
     error: str = ""
 
     def at_batch(self, batch: int) -> ModelTiming | None:
@@ -786,53 +809,91 @@ def time_graph(
     config: PaperSizeConfig,
     threads: int,
     cache: Path,
-) -> GraphRun:
-    """Compile (twice for OpenVINO: fresh, then from its cache), then time one graph at each batch size."""
+    fresh: bool,
+) -> tuple[GraphRun, dict[int, list[float]]]:
+    """One round of one graph: open it, then ``config.runs_per_round`` timed calls at each batch size.
+
+    ``fresh`` (the first round) compiles from no cache and, for OpenVINO, loads the same graph again
+    from its model cache, recording both times; later rounds open it from the cache. Returns the run
+    (without timings) and the per-call milliseconds per batch size, for :func:`pooled_run`.
+    """
     run = GraphRun(role=role, library=library, precision=precision, graph=path.name)
-    # A cache left by an earlier run would make the first compilation a cache load: start from none.
-    shutil.rmtree(cache, ignore_errors=True)
+    if fresh:  # a cache left by an earlier run would make the first compilation a cache load
+        shutil.rmtree(cache, ignore_errors=True)
     with PeakMemory() as memory:
         start = time.perf_counter()
         backend = _open(library, precision, path, threads, cache)
         with backend:
             compile_s = time.perf_counter() - start
             cached_s = None
-            if library == "openvino":
+            if fresh and library == "openvino":
                 start = time.perf_counter()
                 with _open(library, precision, path, threads, cache):
                     cached_s = time.perf_counter() - start
-            timings = tuple(time_model(backend, canvases, b, config.runs, config.warmup) for b in config.batch_sizes)
+            samples = {
+                b: time_model_calls(backend, canvases, b, config.runs_per_round, config.warmup)
+                for b in config.batch_sizes
+            }
             precisions = dict(getattr(backend, "runtime_precisions", {}))
-    return replace(
+    run = replace(
         run,
-        compile_s=round(compile_s, 2),
+        compile_s=round(compile_s, 2) if fresh else None,
         cached_compile_s=None if cached_s is None else round(cached_s, 2),
-        timings=timings,
         peak_rss_mb=memory.peak_mb,
         runtime_precisions=precisions,
         load_average=_load_1min(),
+    )
+    return run, samples
+
+
+def pooled_run(rounds: Sequence[tuple[GraphRun, Mapping[int, Sequence[float]]]]) -> GraphRun:
+    """One graph's rounds as one run: compile times and precisions of the first, every sample pooled.
+
+    Peak memory and load average are the highest of any round; ``round_p50_ms`` keeps each round's
+    batch-1 median, so the report shows the drift the pooling evened out.
+    """
+    first = rounds[0][0]
+    batches = list(rounds[0][1])
+    timings = tuple(timing_of(b, [ms for _, samples in rounds for ms in samples[b]]) for b in batches)
+    per_round = tuple(round(float(np.median(samples[1])), 1) for _, samples in rounds if samples.get(1))
+    peaks = [r.peak_rss_mb for r, _ in rounds if r.peak_rss_mb is not None]
+    loads = [r.load_average for r, _ in rounds if r.load_average is not None]
+    return replace(
+        first,
+        timings=timings,
+        round_p50_ms=per_round,
+        peak_rss_mb=max(peaks, default=None),
+        load_average=max(loads, default=None),
     )
 
 
 # ----------------------------------------------------------------------------------------- decode, torch
 
 
-def time_decode(folder: Path, count: int, target_long_side: int, runs: int) -> dict[str, Any]:
-    """Median read time of real-size JPEG 2000 DICOM files, full and reduced resolution (ms)."""
+def decode_samples(folder: Path, count: int, target_long_side: int) -> dict[str, list[float]]:
+    """One round of the read stage: each real-size JPEG 2000 DICOM file read at full and at reduced resolution (ms).
+
+    The files are written the first time (the generator's real-size default).
+    """
     from spine_edge.benchmarks.synthetic import write_synthetic_radiographs
     from spine_edge.imageio import read_image
 
-    paths = sorted(folder.glob("synthetic_*.dicom")) or write_synthetic_radiographs(folder, count)
-    paths = paths[:count]
-    record: dict[str, Any] = {"files": len(paths), "target_long_side": target_long_side}
+    paths = (sorted(folder.glob("synthetic_*.dicom")) or write_synthetic_radiographs(folder, count))[:count]
+    samples: dict[str, list[float]] = {}
     for name, target in (("full", None), ("reduced", target_long_side)):
-        samples = []
-        for _ in range(max(1, runs)):
-            for path in paths:
-                start = time.perf_counter()
-                read_image(path, target_long_side=target)
-                samples.append((time.perf_counter() - start) * 1e3)
-        record[name] = summarize_latency(samples).to_dict()
+        samples[name] = []
+        for path in paths:
+            start = time.perf_counter()
+            read_image(path, target_long_side=target)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def pooled_decode(rounds: Sequence[Mapping[str, Sequence[float]]], target_long_side: int) -> dict[str, Any]:
+    """The read stage over all rounds: full and reduced summaries, and the files per round."""
+    record: dict[str, Any] = {"files": len(rounds[0]["full"]), "target_long_side": target_long_side}
+    for name in ("full", "reduced"):
+        record[name] = summarize_latency([ms for r in rounds for ms in r[name]]).to_dict()
     return record
 
 
@@ -841,16 +902,26 @@ def _spread(samples: Sequence[float]) -> dict[str, Any]:
     return stats.to_dict() | {"spread_pct": round((stats.max - stats.min) / stats.p50 * 100, 1) if stats.p50 else None}
 
 
-def torch_eager(checkpoints: Path, profile: StandInProfile, threads: int, runs: int, warmup: int) -> dict[str, Any]:
-    """Child-process body: the same classifier ensemble and detector module in PyTorch eager, batch 1.
+def torch_round(
+    checkpoints: Path,
+    profile: StandInProfile,
+    threads: int,
+    runs: int,
+    warmup: int,
+    eager: bool,
+    gemm_precisions: tuple[str, ...],
+) -> dict[str, Any]:
+    """Child-process body of one round: PyTorch's matrix-product ceilings and, with ``eager``, the modules.
 
     The classifier is export's own ``DERNetEnsemble`` (TTA, ensemble, CAM); the detector the module the
     detector graph was traced from (model only, no NMS), each fed the same letterboxed canvases as the
-    graphs. Allocator thresholds are pinned first and ``warmup`` untimed calls run before the timed ones.
+    graphs, batch 1. Allocator thresholds are pinned first and ``warmup`` untimed calls run before the
+    ``runs`` timed ones. Returns the raw milliseconds, for :func:`pooled_torch`.
     """
     pinned = pin_allocator()
     import torch
 
+    from spine_edge.benchmarks.ceiling import torch_gemm
     from spine_edge.export.classifier_graph import build_ensemble, read_ensemble_spec
     from spine_edge.export.detector_graph import build_detector_module
 
@@ -859,17 +930,32 @@ def torch_eager(checkpoints: Path, profile: StandInProfile, threads: int, runs: 
         "threads": torch.get_num_threads(),
         "allocator_pinned": pinned,
         "versions": package_versions(("torch", "timm", "ultralytics"), missing=""),
+        "gemm": torch_gemm(threads, gemm_precisions),
     }
+    if not eager:
+        return record
     with torch.inference_mode():
         canvases = torch.from_numpy(_canvases("classifier", profile.classifier_size))
         ensemble = build_ensemble(read_ensemble_spec(checkpoints))
-        record["classifier"] = _spread(_time_torch(ensemble, canvases, runs, warmup))
+        record["classifier_ms"] = _time_torch(ensemble, canvases, runs, warmup)
         record["classifier_probs"] = [float(ensemble(canvases[i][None])[0][0]) for i in range(len(canvases))]
         del ensemble  # one model in memory at a time
         module, _ = build_detector_module(checkpoints / "detector.pt")
-        record["detector"] = _spread(
-            _time_torch(module, torch.from_numpy(_canvases("detector", profile.detector_size)), runs, warmup)
+        record["detector_ms"] = _time_torch(
+            module, torch.from_numpy(_canvases("detector", profile.detector_size)), runs, warmup
         )
+    return record
+
+
+def pooled_torch(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """PyTorch eager over all rounds: pooled spreads per module and each round's median."""
+    first = rounds[0]
+    record: dict[str, Any] = {k: first[k] for k in ("threads", "allocator_pinned", "versions")}
+    record["classifier_probs"] = first["classifier_probs"]
+    for module in ("classifier", "detector"):
+        samples = [r[f"{module}_ms"] for r in rounds]
+        record[module] = _spread([ms for s in samples for ms in s])
+        record[module]["round_p50_ms"] = [round(float(np.median(s)), 1) for s in samples]
     return record
 
 
@@ -898,7 +984,10 @@ class PaperSizeReport:
         created: ISO-8601 UTC time.
         profile: The architectures measured.
         environment: CPU, threads, load average before and after, library versions.
-        floors: This CPU's peaks.
+        floors: This CPU's nominal peaks.
+        ceilings: Measured ones: ``measured`` (per library and precision, the median of the rounds'
+            large dense products, :mod:`spine_edge.benchmarks.ceiling`) and ``best`` (the fastest
+            library per precision); empty when not measured.
         flops: GFLOP per image of each FP32 graph (and counted nodes).
         phases: Wall time and true peak memory per phase (s, MiB).
         build: Export, calibration and quantisation record.
@@ -919,11 +1008,18 @@ class PaperSizeReport:
     runs: tuple[GraphRun, ...]
     decode: dict[str, Any]
     torch: dict[str, Any]
+    ceilings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def peak_rss_mb(self) -> float:
         """The largest phase peak."""
         return max((p["peak_rss_mb"] for p in self.phases.values()), default=0.0)
+
+    def ceiling_share(self, run: GraphRun) -> float | None:
+        """Percent of the measured ceiling of its precision that a run's batch-1 GFLOP/s reaches."""
+        best = self.ceilings.get("best", {}).get(_FLOOR_KIND[run.precision])
+        rate = run.gflops_per_s
+        return None if not best or rate is None else rate / best["gflops"] * 100
 
     def run(self, role: str, library: str, precision: str) -> GraphRun | None:
         """The run of one graph, library and precision, if measured."""
@@ -970,6 +1066,7 @@ class PaperSizeReport:
                 "profile": asdict(self.profile),
                 "environment": self.environment,
                 "floors": self.floors.to_dict(),
+                "ceilings": self.ceilings,
                 "flops": self.flops,
                 "phases": self.phases,
                 "build": self.build,
@@ -986,6 +1083,11 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _by_round(stats: Mapping[str, Any]) -> str:
+    rounds = stats.get("round_p50_ms") or []
+    return f", by round {'/'.join(f'{ms:.0f}' for ms in rounds)}" if len(rounds) > 1 else ""
+
+
 def format_paper_size(report: PaperSizeReport) -> str:
     """Markdown: the caveat, the per-graph table with floors, the cascade table, phases and memory."""
     env = report.environment
@@ -997,25 +1099,40 @@ def format_paper_size(report: PaperSizeReport) -> str:
         f"CPU: {report.floors.cpu}, {report.floors.cores} cores at {report.floors.ghz} GHz nominal "
         f"({', '.join(report.floors.flags)}); threads {env.get('threads')}; load average before "
         f"{env.get('load_before')}, after {env.get('load_after')}.",
-        "Peaks: "
+        "Nominal peaks (cores × clock × the units' operations per cycle): "
         + ", ".join(f"{k} {v:g} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in report.floors.gflops.items())
         + ".",
+    ]
+    best = report.ceilings.get("best", {})
+    if best:
+        lines.append(
+            "Measured ceilings (the fastest library's large dense matrix product, this run): "
+            + ", ".join(
+                f"{k} {v['gflops']:g} G{'OP' if k == 'int8' else 'FLOP'}/s ({v['library']})" for k, v in best.items()
+            )
+            + "."
+        )
+    config = env.get("config", {})
+    lines += [
+        f"Timing: {config.get('rounds', 1)} interleaved round(s), each timing every graph, the eager modules, the "
+        f"read stage and the ceilings once ({-(-config.get('runs', 0) // max(1, config.get('rounds', 1)))} calls "
+        "per graph per round, samples pooled); 'p50 by round' shows how much the box drifted.",
         "",
-        "| graph | library | precision | GFLOP/img | p50 ms (b1) | GFLOP/s | floor ms | % of peak | "
-        "img/s (largest batch) | compile s (cached) | peak MiB | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| graph | library | precision | GFLOP/img | p50 ms (b1) | p50 by round | GFLOP/s | floor ms | % of peak | "
+        "% of ceiling | img/s (largest batch) | compile s (cached) | peak MiB | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in report.runs:
         if run.error:
-            lines.append(f"| {run.role} | {run.library} | {run.precision} | | failed: {run.error} | | | | | | | |")
+            lines.append(f"| {run.role} | {run.library} | {run.precision} | | failed: {run.error} |" + " |" * 9)
             continue
         largest = max(run.timings, key=lambda t: t.batch_size) if run.timings else None
         share = None if run.floor_ms is None or run.latency_ms is None else run.floor_ms / run.latency_ms * 100
         cached = "" if run.cached_compile_s is None else f" ({run.cached_compile_s:.2f})"
         lines.append(
             f"| {run.role} | {run.library} | {run.precision} | {_num(run.gflop_per_image, 2)} | "
-            f"{_num(run.latency_ms)} | "
-            f"{_num(run.gflops_per_s)} | {_num(run.floor_ms)} | {_num(share)} | "
+            f"{_num(run.latency_ms)} | {'/'.join(f'{ms:.0f}' for ms in run.round_p50_ms) or '–'} | "
+            f"{_num(run.gflops_per_s)} | {_num(run.floor_ms)} | {_num(share)} | {_num(report.ceiling_share(run))} | "
             f"{_num(largest.images_per_second if largest else None, 2)} (b{largest.batch_size if largest else '–'}) | "
             f"{_num(run.compile_s, 2)}{cached} | {_num(run.peak_rss_mb, 0)} | {_num(run.load_average, 2)} |"
         )
@@ -1042,8 +1159,9 @@ def format_paper_size(report: PaperSizeReport) -> str:
             "",
             f"PyTorch eager (threads {t['threads']}, allocator pinned: {t['allocator_pinned']}): classifier p50 "
             f"{t['classifier']['p50']:.1f} ms (min {t['classifier']['min']:.1f}, max {t['classifier']['max']:.1f}, "
-            f"spread {t['classifier']['spread_pct']}%), detector p50 {t['detector']['p50']:.1f} ms (spread "
-            f"{t['detector']['spread_pct']}%); FP32 ONNX Runtime vs eager max |Δprob| "
+            f"spread {t['classifier']['spread_pct']}%{_by_round(t['classifier'])}), detector p50 "
+            f"{t['detector']['p50']:.1f} ms (spread {t['detector']['spread_pct']}%{_by_round(t['detector'])}); "
+            "FP32 ONNX Runtime vs eager max |Δprob| "
             f"{t.get('max_abs_dprob_vs_ort', float('nan')):.1e}.",
         ]
     else:
@@ -1104,6 +1222,42 @@ def _openvino_state(config: PaperSizeConfig) -> tuple[bool, bool, str]:
     return True, "BF16" in capabilities, ""
 
 
+def library_gemms(threads: int, precisions: Sequence[str], openvino: bool) -> dict[str, dict[str, float]]:
+    """One round of this process's ceilings: ONNX Runtime's (and OpenVINO's) large dense products.
+
+    A library that cannot run one is left out with a warning: the ceilings are context, and the
+    graphs' timings must not be lost for them.
+    """
+    from spine_edge.benchmarks.ceiling import onnxruntime_gemm, openvino_gemm
+
+    measured: dict[str, dict[str, float]] = {}
+    calls: list[tuple[str, Callable[[], dict[str, float]]]] = [("onnxruntime", lambda: onnxruntime_gemm(threads))]
+    if openvino:
+        calls.append(("openvino", lambda: openvino_gemm(threads, precisions)))
+    for library, call in calls:
+        try:
+            measured[library] = call()
+        except (ImportError, RuntimeError) as exc:  # onnx missing, or a library refusing one product
+            log.warning("paper-size: %s matrix-product ceiling not measured: %s", library, exc)
+    return measured
+
+
+def pooled_ceilings(rounds: Sequence[Mapping[str, Mapping[str, float]]], wanted: Sequence[str]) -> dict[str, Any]:
+    """Median over rounds per library and precision, and the fastest library per wanted precision."""
+    from spine_edge.benchmarks.ceiling import best_ceilings
+
+    if not rounds:
+        return {}
+    measured: dict[str, dict[str, float]] = {}
+    for library in dict.fromkeys(lib for r in rounds for lib in r):
+        precisions = dict.fromkeys(p for r in rounds for p in r.get(library, {}))
+        measured[library] = {
+            p: round(float(np.median([r[library][p] for r in rounds if p in r.get(library, {})])), 1)
+            for p in precisions
+        }
+    return {"measured": measured, "best": best_ceilings(measured, wanted), "rounds": len(rounds)}
+
+
 def run_paper_size(config: PaperSizeConfig) -> PaperSizeReport:
     """Build the paper-size graphs with random weights and measure them on this box (module docstring).
 
@@ -1144,50 +1298,77 @@ def run_paper_size(config: PaperSizeConfig) -> PaperSizeReport:
         role: _canvases(role, profile.classifier_size if role == "classifier" else profile.detector_size)
         for role in ("classifier", "detector")
     }
-    runs: list[GraphRun] = []
     plan = plan_runs(use_openvino, bf16)
+    keys = [(role, library, precision, variant) for library, precision, variant in plan for role in ROLES]
+    graph_rounds: dict[tuple[str, str, str, str], list[tuple[GraphRun, dict[int, list[float]]]]] = {k: [] for k in keys}
+    failed: dict[tuple[str, str, str, str], GraphRun] = {}
+    decode_rounds: list[dict[str, list[float]]] = []
+    torch_rounds: list[dict[str, Any]] = []
+    gemm_rounds: list[dict[str, dict[str, float]]] = []
+    gemm_precisions = tuple(p for p in ("fp32", "bf16", "int8") if p in floors.gflops)
+    target = max(profile.classifier_size, profile.detector_size)
     with (
-        _phase(phases, "timing the graphs", config.progress),
-        progress_bar(config.progress, 2 * len(plan), "graphs") as bar,
+        _phase(phases, TIMING_PHASE, config.progress),
+        progress_bar(config.progress, config.rounds * len(keys), "graphs") as bar,
     ):
-        for library, precision, variant in plan:
-            for role in ("classifier", "detector"):
+        for round_index in range(config.rounds):
+            for key in keys:
+                role, library, precision, variant = key
+                if key in failed:
+                    bar.update(1)
+                    continue
                 path = graphs_dir / GRAPH_FILES[variant].format(role=role)
                 cache = work / "cache" / "openvino" / sha256_file(path)[:16]
-                bar.set_description(f"{role} {library} {precision}")
+                bar.set_description(f"round {round_index + 1}: {role} {library} {precision}")
                 try:
-                    run = time_graph(role, library, precision, path, canvases[role], config, threads, cache)
+                    graph_rounds[key].append(
+                        time_graph(
+                            role, library, precision, path, canvases[role], config, threads, cache, round_index == 0
+                        )
+                    )
                 except SpineEdgeError as exc:  # one library failing on one graph must not lose the rest of the report
                     log.warning("paper-size: %s on %s %s failed: %s", path.name, library, precision, exc)
-                    run = GraphRun(
+                    failed[key] = GraphRun(
                         role=role, library=library, precision=precision, graph=path.name, error=str(exc)[:300]
                     )
-                gflop = flops[role]["gflops"]
-                runs.append(
-                    replace(
-                        run, gflop_per_image=round(gflop, 3), floor_ms=floors.floor_ms(gflop, _FLOOR_KIND[precision])
-                    )
-                )
                 gc.collect()
                 bar.update(1)
-    decode: dict[str, Any] = {}
-    if config.decode_files:
-        with _phase(phases, "decode", config.progress):
-            decode = time_decode(
-                work / "decode",
-                config.decode_files,
-                max(profile.classifier_size, profile.detector_size),
-                max(1, config.runs // 3),
-            )
+            bar.set_description(f"round {round_index + 1}: read stage and ceilings")
+            if config.decode_files:
+                decode_rounds.append(decode_samples(work / "decode", config.decode_files, target))
+            gemm_rounds.append(library_gemms(threads, gemm_precisions, use_openvino))
+            if importlib.util.find_spec("torch") is not None:
+                bar.set_description(f"round {round_index + 1}: PyTorch" + (" eager" if config.baseline else ""))
+                child = run_in_child(
+                    torch_round,
+                    checkpoints,
+                    profile,
+                    threads,
+                    config.runs_per_round,
+                    config.warmup,
+                    config.baseline,
+                    tuple(p for p in gemm_precisions if p != "int8"),
+                )
+                gemm_rounds[-1]["torch"] = child.pop("gemm")
+                torch_rounds.append(child)
+    runs: list[GraphRun] = []
+    for key in keys:
+        role, _, precision, _ = key
+        run = failed.get(key) or pooled_run(graph_rounds[key])
+        gflop = flops[role]["gflops"]
+        runs.append(
+            replace(run, gflop_per_image=round(gflop, 3), floor_ms=floors.floor_ms(gflop, _FLOOR_KIND[precision]))
+        )
+    decode = pooled_decode(decode_rounds, target) if decode_rounds else {}
     torch_record: dict[str, Any] = {"skipped": "not asked for"}
-    if config.baseline:
-        with _phase(phases, "PyTorch eager", config.progress):
-            torch_record = run_in_child(torch_eager, checkpoints, profile, threads, config.runs, config.warmup)
+    if config.baseline and torch_rounds:
+        torch_record = pooled_torch(torch_rounds)
         with OnnxRuntimeBackend(fp32["classifier"], provider="cpu", threads=threads) as backend:
             ort_probs = backend.infer({"image": canvases["classifier"]})["prob"]
         torch_record["max_abs_dprob_vs_ort"] = float(
             np.abs(np.asarray(torch_record.pop("classifier_probs")) - ort_probs).max()
         )
+    ceilings = pooled_ceilings(gemm_rounds, tuple(dict.fromkeys(_FLOOR_KIND[r.precision] for r in runs)))
     environment = {
         "cpu": cpu_model_name(),
         "threads": threads,
@@ -1212,4 +1393,5 @@ def run_paper_size(config: PaperSizeConfig) -> PaperSizeReport:
         runs=tuple(runs),
         decode=decode,
         torch=torch_record,
+        ceilings=ceilings,
     )

@@ -259,7 +259,11 @@ def _stage_budgets(ctx: click.Context, param: click.Parameter, value: tuple[str,
     f"[{PAPER_SIZE_DIR}] and bench them (ONNX Runtime, OpenVINO, PyTorch eager): latency, not "
     "accuracy. Tens of minutes on 2 cores; needs the train extra.",
 )
-@click.option("--quick", is_flag=True, help="With --paper-size: 4 calibration images, 3 timed runs, batch 1 only.")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="With --paper-size: 4 calibration images, 4 timed runs in 2 interleaved rounds, batch 1 only.",
+)
 def bench(
     bundle: Path | None,
     data: Path | None,

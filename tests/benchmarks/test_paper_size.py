@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from spine_edge.benchmarks.latency import ModelTiming, summarize_latency
 from spine_edge.benchmarks.paper_size import (
     GRAPH_FILES,
     RANDOM_WEIGHTS_NOTE,
+    TIMING_PHASE,
     CpuFloors,
     GraphRun,
     PaperSizeConfig,
@@ -23,6 +26,10 @@ from spine_edge.benchmarks.paper_size import (
     cpu_floors,
     format_paper_size,
     plan_runs,
+    pooled_ceilings,
+    pooled_decode,
+    pooled_run,
+    pooled_torch,
     run_paper_size,
     write_paper_size_json,
 )
@@ -56,6 +63,63 @@ def test_quick_preset_cuts_calibration_and_repeats() -> None:
     assert quick.threads == 2
     with pytest.raises(ValueError, match="batch sizes"):
         PaperSizeConfig(Path("w"), batch_sizes=())
+    assert (full.rounds, full.runs_per_round) == (3, 4)
+    assert PaperSizeConfig(Path("w"), runs=10, rounds=3).runs_per_round == 4  # rounded up: never fewer calls
+    with pytest.raises(ValueError, match="rounds"):
+        PaperSizeConfig(Path("w"), runs=2, rounds=3)
+
+
+def test_rounds_pool_their_samples_and_keep_each_rounds_median() -> None:
+    first = GraphRun("classifier", "openvino", "int8", "c.onnx", compile_s=5.0, cached_compile_s=0.5,
+                     peak_rss_mb=800.0, load_average=1.0)  # fmt: skip
+    later = GraphRun("classifier", "openvino", "int8", "c.onnx", peak_rss_mb=900.0, load_average=1.5)
+    run = pooled_run([(first, {1: [100.0, 110.0], 4: [300.0]}), (later, {1: [200.0, 210.0], 4: [320.0]})])
+    assert run.round_p50_ms == (105.0, 205.0)  # the drift between the rounds stays visible
+    assert run.latency_ms == pytest.approx(155.0)  # the median of all four batch-1 calls
+    assert run.at_batch(4) is not None and run.at_batch(4).per_image.p50 == pytest.approx(77.5)
+    assert (run.compile_s, run.cached_compile_s, run.peak_rss_mb, run.load_average) == (5.0, 0.5, 900.0, 1.5)
+    decode = pooled_decode([{"full": [300.0], "reduced": [70.0]}, {"full": [320.0], "reduced": [90.0]}], 640)
+    assert decode["files"] == 1 and decode["reduced"]["p50"] == pytest.approx(80.0)
+    eager = pooled_torch(
+        [
+            {"threads": 2, "allocator_pinned": True, "versions": {}, "classifier_probs": [0.5],
+             "classifier_ms": [1000.0, 1100.0], "detector_ms": [300.0]},
+            {"threads": 2, "allocator_pinned": True, "versions": {}, "classifier_probs": [0.6],
+             "classifier_ms": [2000.0], "detector_ms": [310.0]},
+        ]
+    )  # fmt: skip
+    assert eager["classifier"]["round_p50_ms"] == [1050.0, 2000.0] and eager["classifier"]["p50"] == 1100.0
+    assert eager["classifier_probs"] == [0.5]
+
+
+def test_ceilings_take_the_median_round_and_the_fastest_library() -> None:
+    rounds = [
+        {"onnxruntime": {"fp32": 180.0, "int8": 1600.0}, "torch": {"fp32": 250.0, "bf16": 1200.0}},
+        {"onnxruntime": {"fp32": 190.0, "int8": 1000.0}, "torch": {"fp32": 270.0, "bf16": 1400.0}},
+        {"onnxruntime": {"fp32": 200.0, "int8": 1700.0}, "torch": {"fp32": 260.0}},
+    ]
+    ceilings = pooled_ceilings(rounds, ("fp32", "int8", "bf16"))
+    assert ceilings["measured"]["onnxruntime"] == {"fp32": 190.0, "int8": 1600.0}
+    assert ceilings["measured"]["torch"]["bf16"] == pytest.approx(1300.0)  # two rounds measured it
+    assert ceilings["best"] == {
+        "fp32": {"gflops": 260.0, "library": "torch"},
+        "int8": {"gflops": 1600.0, "library": "onnxruntime"},
+        "bf16": {"gflops": 1300.0, "library": "torch"},
+    }
+    assert pooled_ceilings([], ("fp32",)) == {}
+
+
+def test_ceiling_products_run_on_each_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spine_edge.benchmarks import ceiling
+
+    monkeypatch.setattr(ceiling, "GEMM_SIZES", {"fp32": 64, "bf16": 64, "int8": 64})
+    pytest.importorskip("onnx")
+    rates = ceiling.onnxruntime_gemm(1, runs=2)
+    assert set(rates) == {"fp32", "int8"} and all(r > 0 for r in rates.values())
+    if importlib.util.find_spec("openvino") is not None:
+        assert ceiling.openvino_gemm(1, ("fp32", "int8"), runs=2)["int8"] > 0
+    if importlib.util.find_spec("torch") is not None:
+        assert ceiling.torch_gemm(1, ("fp32",), runs=2)["fp32"] > 0
 
 
 def test_plan_runs_one_int8_graph_for_openvino_and_tensorrt() -> None:
@@ -162,6 +226,10 @@ def test_report_fields_cascade_and_table(tmp_path: Path) -> None:
         "peak_rss_mb",
     }
     assert data["runs"][0]["timings"][0]["batch_size"] == 1
+    assert "% of ceiling" in table and data["ceilings"] == {}  # none measured: the column stays empty
+    measured = replace(report, ceilings={"best": {"fp32": {"gflops": 200.0, "library": "torch"}}})
+    assert measured.ceiling_share(cls) == pytest.approx(60.0 / 840.0 * 1e3 / 200.0 * 100)
+    assert "fp32 200 GFLOP/s (torch)" in format_paper_size(measured)
     assert "skipped (no torch)" in format_paper_size(_report(torch={"skipped": "no torch"}))
 
 
@@ -182,7 +250,9 @@ def test_tiny_stand_in_runs_the_whole_path(tmp_path: Path) -> None:
     assert all(r.gflop_per_image and r.gflop_per_image > 0 for r in report.runs)
     assert report.torch["max_abs_dprob_vs_ort"] < 1e-4  # the graph computes what the eager module computes
     assert report.decode["reduced"]["p50"] > 0 and report.peak_rss_mb > 0
-    assert {"checkpoints + FP32 export", "calibration + INT8 graphs", "timing the graphs"} <= set(report.phases)
+    assert {"checkpoints + FP32 export", "calibration + INT8 graphs", TIMING_PHASE} <= set(report.phases)
+    assert all(len(r.round_p50_ms) == config.rounds for r in report.runs if not r.error)
+    assert "fp32" in report.ceilings["best"] and "Measured ceilings" in format_paper_size(report)
     again = run_paper_size(config)  # the second run reuses the graphs instead of exporting again
     assert again.environment["reused_graphs"] and "checkpoints + FP32 export" not in again.phases
 
@@ -220,7 +290,7 @@ def test_cli_bench_paper_size_builds_the_config_and_prints_the_table(
     assert result.exit_code == 0, result.output
     assert "Random weights" in result.output and json.loads(out.read_text())["note"] == RANDOM_WEIGHTS_NOTE
     config = seen[0]
-    assert config.work == tmp_path / "work" and config.runs == 3 and config.threads == 1 and not config.baseline
+    assert config.work == tmp_path / "work" and config.runs == 4 and config.threads == 1 and not config.baseline
     result = CliRunner().invoke(main, ["bench", "--paper-size", "--no-baseline"])
     assert result.exit_code == 0, result.output
     assert seen[1].work == Path("runs/paper-size") and seen[1].runs == PaperSizeConfig(Path("w")).runs
