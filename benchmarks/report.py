@@ -171,8 +171,16 @@ def _decode_parity_table(report: BenchReport) -> list[str]:
         _num(parity["box_ap"]),
         "pass" if parity["meets_targets"] else "MISSED",
     ]
+    shift = parity.get("shift_baseline")
+    row.append(
+        "–"
+        if not shift
+        else f"AP {_num(shift['box_ap'])}, {shift['gate_flips']} flip(s), max |Δprob| {_num(shift['max_abs_dprob'])}"
+        + (" (reduced within)" if parity.get("within_shift_floor") else " (reduced beyond)")
+    )
     header = ["Reduced / images", "Long side px", "Read ms p50", "images/s", "max |Δprob|", "Gate flips",
-              "Box AP vs full", f"Targets (≤ {targets['max_flips']} flips, AP ≥ {targets['min_box_ap']})"]  # fmt: skip
+              "Box AP vs full", f"Targets (≤ {targets['max_flips']} flips, AP ≥ {targets['min_box_ap']})",
+              "Full decode shifted 1 px (models' sensitivity)"]  # fmt: skip
     return [
         "Decode at the models' resolution against the full decode (reference precision, detector forced):",
         "",

@@ -489,7 +489,7 @@ def run_bench(config: BenchConfig) -> BenchReport:
             with (
                 _timed(phases, "decode parity"),
                 progress_bar(
-                    config.progress, 2 * len(acc.truth), "decode parity (full, then reduced resolution)"
+                    config.progress, 3 * len(acc.truth), "decode parity (full, reduced, full shifted by a pixel)"
                 ) as bar,
             ):
                 parity = measure_decode_parity(

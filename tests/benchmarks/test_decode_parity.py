@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
@@ -44,7 +45,7 @@ def parity(tmp_path_factory: pytest.TempPathFactory) -> DecodeParity:
     settings = CascadeConfig(bundle=bundle, precision="fp32", backend="onnxruntime", provider="cpu", threads=1)
     calls: list[int] = []
     result = measure_decode_parity(settings, paths, calls.append)
-    assert len(calls) == 2 * len(paths)  # one progress step per image and pass
+    assert len(calls) == 2 * len(paths) + 3  # one step per image and pass, and per readable image for the shift
     return result
 
 
@@ -70,6 +71,25 @@ def test_reduced_decode_agrees_with_the_full_decode(parity: DecodeParity) -> Non
     )
     assert record["left_out"][0]["full"].startswith("error: file does not exist") and record["refusal_flips"] == 0
     assert sum(c["boxes_full"] for c in record["per_class"]) == record["boxes_full"]
+
+
+def test_the_one_pixel_shift_gives_the_models_sensitivity_floor(parity: DecodeParity) -> None:
+    shift_cls, shift_det = parity.shift_classifier, parity.shift_detection
+    assert shift_cls is not None and shift_det is not None
+    assert shift_cls.count == 3 and shift_det.ref_boxes == parity.detection.ref_boxes
+    assert shift_cls.max_abs_dprob < 0.05 and shift_cls.flips == 0
+    assert 0.9 < shift_det.mean_iou < 1.0  # moved a little, and mapped back to the unshifted pixels
+    record = parity.to_dict()
+    assert record["shift_baseline"]["box_ap"] == shift_det.ap
+    assert record["within_shift_floor"] == (
+        parity.gate_flips <= shift_cls.flips and parity.detection.ap >= shift_det.ap
+    )
+    assert any(n.startswith("decode parity, for scale: the full decode shifted by one original pixel") for n in
+               parity.notes())  # fmt: skip
+    beyond = replace(parity, detection=replace(parity.detection, ap=shift_det.ap - 0.1))
+    assert beyond.within_shift_floor is False and "is beyond that" in " ".join(beyond.notes())
+    unmeasured = replace(parity, shift_classifier=None, shift_detection=None)
+    assert unmeasured.within_shift_floor is None and unmeasured.to_dict()["shift_baseline"] is None
 
 
 def test_an_image_refused_by_one_pass_only_is_a_gate_flip(parity: DecodeParity) -> None:
@@ -99,4 +119,19 @@ def test_a_gate_flip_misses_the_targets_and_says_so(parity: DecodeParity) -> Non
 def test_report_renders_the_parity_row(parity: DecodeParity) -> None:
     table = "\n".join(_decode_parity_table(SimpleNamespace(data={"decode_parity": parity.to_dict()})))  # type: ignore[arg-type]
     assert "Box AP vs full" in table and "| 2 / 3 | 320 |" in table and "| pass |" in table
+    assert "Full decode shifted 1 px" in table and "flip(s), max |Δprob|" in table
     assert _decode_parity_table(SimpleNamespace(data={})) == []  # type: ignore[arg-type]
+
+
+def test_shifted_decodes_stream_one_pixel_up_left_and_an_empty_array_for_a_bad_file(tmp_path: Path) -> None:
+    from spine_edge.benchmarks.decode_parity import _unshift, shifted_full_decodes
+    from spine_edge.postprocess import Detections
+
+    image = (np.arange(20 * 30).reshape(20, 30) % 251).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), image)
+    shifted, missing = list(shifted_full_decodes([tmp_path / "a.png", tmp_path / "gone.png"]))
+    assert shifted.shape == image.shape and (shifted[:-1, :-1] == image[1:, 1:]).all()
+    assert (shifted[-1, :-1] == image[-1, 1:]).all()  # the edge row repeated
+    assert missing.size == 0
+    moved = _unshift(Detections(np.array([[4, 5, 10, 12]], np.float32), np.ones(1, np.float32), np.zeros(1, np.int64)))
+    assert moved.boxes.tolist() == [[5, 6, 11, 13]]
