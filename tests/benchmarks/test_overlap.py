@@ -28,7 +28,22 @@ def test_no_overlap_is_the_sum_and_is_flagged() -> None:
     assert result.bottleneck == "models"
     assert result.ratio == pytest.approx(result.serial_ratio) and result.ratio < OVERLAP_WARN
     notes = result.notes()
-    assert len(notes) == 2 and "compete for the cores" in notes[1]
+    assert len(notes) == 2 and "the pipeline waits somewhere" in notes[1]
+
+
+def test_shared_cores_bound_the_pipeline_by_the_work_of_both_stages() -> None:
+    # 40 images: decode 2 s of CPU on 1 core each (50 core-ms/img), models 4 s wall on 2 cores (200 core-ms/img).
+    result = OverlapResult("Test CPU, 2 cores", 4, 2, 40, decode_seconds=1.0, models_seconds=4.0, e2e_seconds=5.0,
+                           cores=2, decode_cpu_seconds=2.0, models_cpu_seconds=8.0, e2e_cpu_seconds=10.0)  # fmt: skip
+    assert result.bound_rate == 10.0 and result.ratio == pytest.approx(0.8)  # 8 images/s of the slower 10
+    assert result.cores_rate == pytest.approx(8.0)  # 2 cores / 250 core-ms per image
+    assert result.bound_ratio == pytest.approx(1.0)  # the cores, not the overlap, set the pace
+    notes = result.notes()
+    assert len(notes) == 2 and "50 (decode) + 200 (models) core-ms per image" in notes[1]
+    record = result.to_dict()
+    assert record["core_ms_per_image"] == {"decode": 50.0, "models": 200.0, "end_to_end": 250.0}
+    assert record["cores_images_per_second"] == 8.0 and record["e2e_over_bound"] == 1.0
+    assert _result(4.0, 2.0, 5.0).cores_rate is None  # not measured: the slower stage alone bounds it
 
 
 def test_record_is_plain_and_names_the_machine() -> None:
