@@ -30,9 +30,10 @@ REFERENCE: Final = "fp32"
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 #: Label of the TensorRT INT8 Q/DQ graphs when bench also evaluates them on ONNX Runtime (export's variant name).
 TENSORRT_INT8 = "int8-trt"
-#: The TensorRT Q/DQ graph as OpenVINO runs it (FP32 body, OpenVINO's INT8 kernels): what ``int8`` runs
-#: on a CPU box where build-engines picked OpenVINO, a different execution from TensorRT's FP16 body.
-TENSORRT_INT8_OPENVINO = "int8-trt-openvino"
+#: Label of ONNX Runtime's own INT8 graphs on ONNX Runtime, on a box whose ``int8`` runs on OpenVINO:
+#: there ``int8`` is the TensorRT Q/DQ graph as OpenVINO runs it (FP32 body, OpenVINO's INT8 kernels),
+#: the execution its latency row measures, so the row's accuracy and latency are of the same thing.
+ONNXRUNTIME_INT8 = "int8-ort"
 #: Stages a per-stage budget may name.
 BUDGET_STAGES: tuple[str, ...] = (*STAGES, END_TO_END)
 
@@ -104,8 +105,9 @@ class BenchPlan:
         backend: The library every benchmarked precision runs on (``onnxruntime`` or ``tensorrt``).
         latency: Precisions whose latency is measured.
         accuracy: ``(label, backend, provider)`` of each cascade of the accuracy phase, reference first;
-            a label is a precision, or ``int8-trt`` for the TensorRT INT8 graphs run on ONNX Runtime
-            (:func:`accuracy_cascade`).
+            a label is a precision, run as its latency row runs it; or ``int8-trt`` for the TensorRT
+            INT8 graphs on ONNX Runtime (as export judges them), or ``int8-ort`` for ONNX Runtime's own
+            INT8 graphs where ``int8`` runs on OpenVINO (:func:`accuracy_cascade`).
     """
 
     backend: str
@@ -146,14 +148,18 @@ def plan_precisions(manifest: Manifest, config: BenchConfig) -> BenchPlan:
             accuracy.append((REFERENCE, "onnxruntime", "cpu"))  # the FP32 ONNX graph is the reference anywhere
         else:
             raise BundleError(f"{cascade.bundle_dir}: no FP32 graphs to compare with; re-export the bundle")
-        # On OpenVINO, "int8" is the TensorRT Q/DQ graph (the one graph both run): the ONNX Runtime
-        # graph's accuracy is then measured on ONNX Runtime, and the TensorRT graph's on OpenVINO.
-        on_ort = {"fp16", "int8"} if backend == "openvino" else set()
+        # Every precision's accuracy is measured as its latency row runs it (same backend, same graphs),
+        # so a summary row never pairs one execution's speed with another's accuracy. OpenVINO has no
+        # FP16 on a CPU: FP16's accuracy is measured on ONNX Runtime (it has no OpenVINO latency row).
         accuracy += [
-            (p, "onnxruntime", "cpu") if p in on_ort else (p, backend, cascade.provider)
+            (p, "onnxruntime", "cpu") if not runs_on(backend, p) else (p, backend, cascade.provider)
             for p in wanted
             if p != REFERENCE
         ]
+        if "int8" in wanted and backend == "openvino" and _has_onnxruntime_int8(manifest):
+            # On OpenVINO, int8 is the TensorRT Q/DQ graph (the one graph both run); ONNX Runtime's own
+            # INT8 graph, what int8 runs on a box without OpenVINO, gets a row of its own.
+            accuracy.append((ONNXRUNTIME_INT8, "onnxruntime", "cpu"))
         if (
             "int8" in wanted
             and backend in ("onnxruntime", "openvino")
@@ -161,15 +167,11 @@ def plan_precisions(manifest: Manifest, config: BenchConfig) -> BenchPlan:
         ):
             # The TensorRT Q/DQ graphs run on a CPU too: their accuracy is measured on the test split
             # here, before a GPU box ever builds an engine from them, through ONNX Runtime as export
-            # judges them (so both tools judge the same execution). On an OpenVINO box, OpenVINO's
-            # execution of that graph, the one its int8 latency row runs, gets a row of its own.
+            # judges them (so both tools judge the same execution).
             if backend == "openvino":
                 accuracy.append((TENSORRT_INT8, "onnxruntime", "cpu"))
-                accuracy.append((TENSORRT_INT8_OPENVINO, backend, cascade.provider))
             else:
                 accuracy.append((TENSORRT_INT8, backend, cascade.provider))
-    # OpenVINO (chosen by build-engines where it was faster) has no FP16 on a CPU: FP16's accuracy is
-    # measured on ONNX Runtime above, its latency is not part of the OpenVINO table.
     return BenchPlan(backend, tuple(p for p in wanted if runs_on(backend, p)), tuple(accuracy))
 
 
@@ -187,6 +189,19 @@ def _has_tensorrt_int8(manifest: Manifest, provider: ProviderChoice | None) -> b
     return both and own != "tensorrt"
 
 
+def _has_onnxruntime_int8(manifest: Manifest) -> bool:
+    """Whether the bundle has ONNX Runtime's own INT8 graphs for both roles."""
+    return all(
+        manifest.find(role, "int8", "onnx", target="onnxruntime") is not None for role in ("classifier", "detector")
+    )
+
+
 def accuracy_cascade(label: str) -> tuple[str, GraphTarget | None]:
-    """The precision and graph target a label of :attr:`BenchPlan.accuracy` runs (``int8-trt`` → int8, tensorrt)."""
-    return ("int8", "tensorrt") if label in (TENSORRT_INT8, TENSORRT_INT8_OPENVINO) else (label, None)
+    """The precision and graph target a label of :attr:`BenchPlan.accuracy` runs.
+
+    ``int8-trt`` → int8 from the TensorRT graphs; ``int8-ort`` → int8 from ONNX Runtime's own (its
+    backend in the plan is ONNX Runtime, which loads its own graph unasked); a precision → itself.
+    """
+    if label == TENSORRT_INT8:
+        return "int8", "tensorrt"
+    return ("int8", None) if label == ONNXRUNTIME_INT8 else (label, None)

@@ -120,10 +120,17 @@ class DecodeParity:
 
     @property
     def within_shift_floor(self) -> bool | None:
-        """Whether the reduced decode moved boxes and gates no more than the one-pixel shift did (None: not measured)."""
+        """Whether the reduced decode moved probabilities and boxes no more than the one-pixel shift did.
+
+        By magnitude (largest |Δprob|, box agreement AP), not by flips: whether a change flips a gate
+        depends on how many images happen to lie near τ. None when the shift was not measured.
+        """
         if self.shift_classifier is None or self.shift_detection is None:
             return None
-        return self.gate_flips <= self.shift_classifier.flips and self.detection.ap >= self.shift_detection.ap
+        return (
+            self.classifier.max_abs_dprob <= self.shift_classifier.max_abs_dprob
+            and self.detection.ap >= self.shift_detection.ap
+        )
 
     @property
     def gate_flips(self) -> int:
