@@ -22,12 +22,15 @@ from spine_edge.backends.onnxruntime import ProviderChoice
 from spine_edge.benchmarks.latency import END_TO_END, STAGES
 from spine_edge.bundle import Manifest
 from spine_edge.cascade import CascadeConfig
-from spine_edge.errors import BundleError
+from spine_edge.errors import BundleError, SpineEdgeError
 
 #: The precision every other is compared with.
 REFERENCE: Final = "fp32"
-#: Precisions a bundle may hold, in report order.
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+#: Precisions bench measures, in report order: those a bundle holds files for, and ``bf16`` (the FP32
+#: graph computed in BF16 by OpenVINO) on a CPU that has BF16 units (AVX-512 BF16 or AMX).
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+#: Why ``bf16`` cannot be benched here, for the error of a request that names it.
+BF16_WHERE = "bf16 runs on OpenVINO on a CPU with AVX-512 BF16 or AMX: use --backend openvino on such a CPU"
 #: Label of the TensorRT INT8 Q/DQ graphs when bench also evaluates them on ONNX Runtime (export's variant name).
 TENSORRT_INT8 = "int8-trt"
 #: Label of ONNX Runtime's own INT8 graphs on ONNX Runtime, on a box whose ``int8`` runs on OpenVINO:
@@ -115,11 +118,23 @@ class BenchPlan:
     accuracy: tuple[tuple[str, str, ProviderChoice | None], ...]
 
 
+def openvino_bf16() -> bool:
+    """Whether OpenVINO is installed here and this CPU computes BF16 (what ``--precision bf16`` needs)."""
+    try:
+        from spine_edge.backends.openvino import device_capabilities, import_openvino
+
+        return "BF16" in device_capabilities(import_openvino().Core())
+    except (SpineEdgeError, RuntimeError):  # not installed, or no CPU device to ask
+        return False
+
+
 def _available(manifest: Manifest, backend: str) -> tuple[str, ...]:
-    """Precisions with a file for both the classifier and the detector on ``backend``."""
+    """Precisions with a file for both the classifier and the detector on ``backend`` (and BF16 where it runs)."""
     fmt = "tensorrt" if backend == "tensorrt" else "onnx"
     classifier = set(manifest.precisions("classifier", fmt))  # type: ignore[arg-type]
-    both = classifier & set(manifest.precisions("detector", fmt))  # type: ignore[arg-type]
+    both: set[str] = set(classifier & set(manifest.precisions("detector", fmt)))  # type: ignore[arg-type]
+    if backend == "openvino" and "fp32" in both and openvino_bf16():
+        both.add("bf16")  # the FP32 graphs with OpenVINO's BF16 hint
     return tuple(p for p in PRECISIONS if p in both)
 
 
@@ -139,6 +154,7 @@ def plan_precisions(manifest: Manifest, config: BenchConfig) -> BenchPlan:
             f"{cascade.bundle_dir}: no {backend} files for precision {', '.join(missing)} (for both classifier and "
             f"detector, it has: {', '.join(available) or 'none'}); choose --precision among those"
             + (", or build plans with `spine-edge build-engines`" if backend == "tensorrt" else "")
+            + (f" ({BF16_WHERE})" if "bf16" in missing else "")
         )
     accuracy: list[tuple[str, str, ProviderChoice | None]] = []
     if config.data is not None:

@@ -138,12 +138,12 @@ def _stage_budgets(ctx: click.Context, param: click.Parameter, value: tuple[str,
 @click.option(
     "--precision",
     "precisions",
-    type=click.Choice(literal_values(Precision)),
+    type=click.Choice((*literal_values(Precision), "bf16")),
     multiple=True,
     cls=_LazyDefault,
     default=_bench_default("precisions"),
-    help="Precision to benchmark (repeat for several) [default: all the bundle has]. With --data, "
-    "fp32 always runs as the reference.",
+    help="Precision to benchmark (repeat for several) [default: all the bundle has, and bf16 with "
+    "--backend openvino on a CPU with BF16 units]. With --data, fp32 always runs as the reference.",
 )
 @click.option(
     "--backend",

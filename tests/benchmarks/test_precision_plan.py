@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from spine_edge.backends import select_model
 from spine_edge.benchmarks.config import (
@@ -13,6 +16,8 @@ from spine_edge.benchmarks.config import (
     plan_precisions,
 )
 from spine_edge.cascade import CascadeConfig
+from spine_edge.errors import BundleError
+from spine_edge.metrics import ACCURACY_GATES
 from tests.export.conftest import write_bundle
 
 GRAPHS = (
@@ -45,7 +50,10 @@ def test_no_tensorrt_graphs_no_extra_cascade(tmp_path: Path) -> None:
     assert plan_precisions(manifest, without_data).accuracy == ()
 
 
-def test_openvino_plan_measures_fp16_on_onnxruntime(tmp_path: Path) -> None:
+def test_openvino_plan_measures_fp16_on_onnxruntime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spine_edge.benchmarks import config as bench_config
+
+    monkeypatch.setattr(bench_config, "openvino_bf16", lambda: False)  # BF16's rows: the test below
     fp16 = (("classifier", "fp16", "any", "classifier.fp16.onnx"), ("detector", "fp16", "any", "detector.fp16.onnx"))
     manifest = write_bundle(tmp_path / "bundle", GRAPHS + fp16)
     config = BenchConfig(CascadeConfig(tmp_path / "bundle", backend="openvino"), data=tmp_path)
@@ -63,3 +71,21 @@ def test_openvino_plan_measures_fp16_on_onnxruntime(tmp_path: Path) -> None:
     assert own.entry.target == "onnxruntime"  # what the int8-ort row loads without a graph target
     on_openvino = select_model(manifest, "classifier", "int8", "openvino")
     assert on_openvino.entry.file == "classifier.int8.trt.onnx"  # what the int8 row (latency and accuracy) runs
+
+
+def test_bf16_is_benched_on_openvino_where_the_cpu_has_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spine_edge.benchmarks import config as bench_config
+
+    manifest = write_bundle(tmp_path / "bundle", GRAPHS)
+    openvino = BenchConfig(CascadeConfig(tmp_path / "bundle", backend="openvino"), data=tmp_path)
+    monkeypatch.setattr(bench_config, "openvino_bf16", lambda: True)
+    plan = plan_precisions(manifest, openvino)
+    assert plan.latency == ("fp32", "bf16", "int8")  # the FP32 graphs with OpenVINO's BF16 hint, in report order
+    assert ("bf16", "openvino", None) in plan.accuracy and accuracy_cascade("bf16") == ("bf16", None)
+    assert ACCURACY_GATES["bf16"] == ACCURACY_GATES["fp16"]  # a 16-bit float execution: FP16's gates and verdict
+    onnxruntime = BenchConfig(CascadeConfig(tmp_path / "bundle", backend="onnxruntime", provider="cpu"))
+    assert "bf16" not in plan_precisions(manifest, onnxruntime).latency
+    monkeypatch.setattr(bench_config, "openvino_bf16", lambda: False)  # a CPU without BF16 units
+    assert "bf16" not in plan_precisions(manifest, openvino).latency
+    with pytest.raises(BundleError, match="AVX-512 BF16 or AMX"):
+        plan_precisions(manifest, replace(openvino, precisions=("bf16",)))
