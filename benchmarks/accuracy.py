@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from spine_edge.benchmarks.config import label_precision
 from spine_edge.cascade import Cascade
 from spine_edge.errors import ImageReadError
 from spine_edge.imageio import read_image
@@ -360,7 +361,7 @@ def _verdicts(
     bootstrap: BootstrapSettings | None,
 ) -> dict[str, RoleVerdict]:
     """Both roles' verdicts of ``label`` against the reference (none for the reference or an ungated label)."""
-    precision = label.split("-")[0]
+    precision = label_precision(label)
     if label == reference or precision not in ACCURACY_GATES:
         return {}
     ref, cand = predictions[reference], predictions[label]

@@ -212,6 +212,11 @@ def _has_onnxruntime_int8(manifest: Manifest) -> bool:
     )
 
 
+def label_precision(label: str) -> str:
+    """The precision whose gates judge a bench label (``int8-trt`` and ``int8-ort`` → ``int8``)."""
+    return label.split("-")[0]
+
+
 def accuracy_cascade(label: str) -> tuple[str, GraphTarget | None]:
     """The precision and graph target a label of :attr:`BenchPlan.accuracy` runs.
 

@@ -35,12 +35,15 @@ import numpy as np
 import pydicom.uid
 
 from spine_edge.benchmarks.accuracy import TruthSet
+from spine_edge.benchmarks.config import label_precision
+from spine_edge.benchmarks.results import GateResult
 from spine_edge.cascade import Cascade, CascadeConfig
 from spine_edge.dicom_writer import build_radiograph_dataset, write_dicom
 from spine_edge.errors import ImageReadError
 from spine_edge.explain import Explanation, PointingScore, cam_cells, pointing_game
 from spine_edge.guard import GuardConfig, GuardDecision, GuardReport, check_header, check_image, read_header
 from spine_edge.imageio import read_image
+from spine_edge.metrics import ACCURACY_GATES
 from spine_edge.results import CascadeResult
 
 #: Kinds :func:`write_non_radiographs` writes, in order.
@@ -232,6 +235,7 @@ class GuardBench:
         non_radiographs: Refusals per kind of generated non-radiograph.
         disagreements: Per other precision, inputs (test split and non-radiographs) whose guard
             decision (refused or not) differs from the reference's.
+        compared: Inputs whose decisions were compared (test split and non-radiographs).
         pointing: CAM pointing game of the reference on the abnormal test images with boxes.
         seconds: Wall time of the phase.
     """
@@ -244,6 +248,24 @@ class GuardBench:
     seconds: float
     test_refusals: tuple[tuple[str, str, str], ...] = ()
     test_errors: int = 0
+    compared: int = 0
+
+    def gates(self) -> list[GateResult]:
+        """One gate per other precision: its guard may decide differently from the reference's on at most
+        as many inputs as its accuracy gate lets gate decisions flip (``AccuracyGate.allowed_flips``).
+
+        A lower precision whose in-distribution score drifts refuses radiographs FP32 accepts (or lets
+        through what FP32 refuses): the radiographer then sees a different product, whatever its AUROC.
+        """
+        out = []
+        for label, changed in self.disagreements.items():
+            gate = ACCURACY_GATES.get(label_precision(label))
+            if gate is None or not self.compared:
+                continue
+            limit = gate.allowed_flips(self.compared)
+            name = f"{label} guard decisions vs {self.reference} ({self.compared} inputs)"
+            out.append(GateResult(name, label, float(changed), float(limit), "inputs", changed <= limit))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (goes into the report's ``data["guard"]``)."""
@@ -350,4 +372,5 @@ def evaluate_guard(
         },
         pointing=pointing_game("cam", cams, boxes),  # type: ignore[arg-type]
         seconds=time.perf_counter() - start,
+        compared=len(reference_decisions),
     )

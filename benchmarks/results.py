@@ -31,7 +31,7 @@ class GateResult:
         measured: The value (points for accuracy deltas, ms for latency).
         limit: The bound: ``measured ≥ −limit`` for accuracy deltas (a gain never fails), ``measured ≤ limit``
             for latency.
-        unit: ``pt`` or ``ms``.
+        unit: ``pt``, ``ms``, or ``inputs`` (guard decisions that changed).
         passed: True/False, or None when it could not be decided (not a failure): the value was not
             measurable, or the accuracy verdict is ``inconclusive``.
         verdict: The accuracy verdict (``hold`` / ``fail`` / ``inconclusive``, :mod:`spine_edge.verdict`);
@@ -59,8 +59,9 @@ class GateResult:
             return f"{self.name}: {self.verdict.upper()}: {self.detail}"
         if self.passed is None:
             return f"{self.name}: not measurable (limit {self.limit:g} {self.unit})"
-        value = f"{self.measured:.2f} {self.unit} (limit ≤ {self.limit:g} {self.unit})"
-        return f"{self.name}: {value} " + ("ok" if self.passed else f"FAILED by {self.excess:.2f} {self.unit}")
+        digits = ".0f" if self.unit == "inputs" else ".2f"  # counted gates: whole inputs
+        value = f"{self.measured:{digits}} {self.unit} (limit ≤ {self.limit:g} {self.unit})"
+        return f"{self.name}: {value} " + ("ok" if self.passed else f"FAILED by {self.excess:{digits}} {self.unit}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""

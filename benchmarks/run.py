@@ -84,7 +84,7 @@ from spine_edge.benchmarks.latency import (
 )
 from spine_edge.benchmarks.overlap import measure_overlap
 from spine_edge.benchmarks.progress import progress_bar
-from spine_edge.benchmarks.results import BenchReport, PrecisionBench, check_gates
+from spine_edge.benchmarks.results import BenchReport, GateResult, PrecisionBench, check_gates
 from spine_edge.benchmarks.synthetic import REAL_SIZES, write_synthetic_radiographs
 from spine_edge.bundle import Manifest, load_manifest
 from spine_edge.cascade import Cascade
@@ -464,6 +464,7 @@ def run_bench(config: BenchConfig) -> BenchReport:
     notes: list[str] = []
     phases: dict[str, float] = {}
     acc: _AccuracyRun | None = None
+    guard_gates: list[GateResult] = []
     benches: dict[str, PrecisionBench] = {}
     reference_probs = None
     with tempfile.TemporaryDirectory(prefix="spine-edge-bench-") as tmp:
@@ -486,6 +487,7 @@ def run_bench(config: BenchConfig) -> BenchReport:
                 )  # fmt: skip
             data_info["guard"] = guard.to_dict()
             notes += guard.notes()
+            guard_gates = guard.gates()
             with (
                 _timed(phases, "decode parity"),
                 progress_bar(
@@ -546,7 +548,7 @@ def run_bench(config: BenchConfig) -> BenchReport:
         threshold=manifest.classifier.threshold,
         precisions=precisions,
         baseline=baseline,
-        gates=check_gates(precisions, config),
+        gates=check_gates(precisions, config) + tuple(guard_gates),
         labels=None if acc is None else acc.truth.labels,
         notes=tuple(notes),
         phase_seconds=phases,

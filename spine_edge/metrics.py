@@ -305,6 +305,13 @@ class AccuracyGate:
         """Whether a ΔmAP@0.5 point estimate (points) is within the gate; None when it could not be measured."""
         return None if math.isnan(delta_pt) else abs(delta_pt) <= self.map50_pt + 1e-9
 
+    def allowed_flips(self, count: int) -> int:
+        """Decisions of ``count`` that may change: ``floor(max_flip_fraction × count)``, at least one.
+
+        One changed decision is allowed however few there are: a single borderline case is no evidence.
+        """
+        return max(1, math.floor(self.fidelity.max_flip_fraction * count))
+
 
 #: The gate of the 16-bit float executions (FP16, BF16).
 _HALF_FLOAT_GATE = AccuracyGate(

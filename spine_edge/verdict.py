@@ -484,8 +484,7 @@ def judge_classifier(
         failures.append(f"{fidelity.nonfinite} probabilities are NaN or infinite")
     if fidelity.max_abs_dprob > limits.max_abs_dprob:
         failures.append(f"max |Δprob| {fidelity.max_abs_dprob:.3g} > {limits.max_abs_dprob:g}")
-    # One flipped image is allowed however few images there are: a single borderline case is no evidence.
-    allowed = max(1, math.floor(limits.max_flip_fraction * len(y)))
+    allowed = gate.allowed_flips(len(y))
     if fidelity.flips > allowed:
         failures.append(f"{fidelity.flips} of {len(y)} gate decisions flipped (> {allowed})")
     correlation = None
