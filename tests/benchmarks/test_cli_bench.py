@@ -64,6 +64,8 @@ def test_writes_json_plots_predictions_and_prints_the_table(good_run: tuple[Resu
         "fp16 ΔmAP@0.5 (detector) vs fp32",
         "int8 ΔAUROC vs fp32",
         "int8 ΔmAP@0.5 (detector) vs fp32",
+        "fp16 guard decisions vs fp32 (34 inputs)",  # 12 test images and 22 generated non-radiographs
+        "int8 guard decisions vs fp32 (34 inputs)",
     }
     plots = sorted(p.name for p in (out / "plots").iterdir())
     assert plots == ["latency.png", "pr_fp16.png", "pr_fp32.png", "pr_int8.png", "roc.png"]
