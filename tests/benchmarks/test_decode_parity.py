@@ -88,6 +88,10 @@ def test_the_one_pixel_shift_gives_the_models_sensitivity_floor(parity: DecodePa
                parity.notes())  # fmt: skip
     beyond = replace(parity, detection=replace(parity.detection, ap=shift_det.ap - 0.1))
     assert beyond.within_shift_floor is False and "is beyond that" in " ".join(beyond.notes())
+    assert "own one-pixel sensitivity (above)" not in " ".join(beyond.notes())
+    flipped = replace(parity, refusal_flips=1)  # misses the no-flip target while moving no more than the shift
+    assert not flipped.meets_targets and flipped.within_shift_floor is True
+    assert "the models, not the decode, set that floor" in " ".join(flipped.notes())
     unmeasured = replace(parity, shift_classifier=None, shift_detection=None)
     assert unmeasured.within_shift_floor is None and unmeasured.to_dict()["shift_baseline"] is None
 
