@@ -45,7 +45,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,9 +53,8 @@ from typing import Any
 import numpy as np
 
 from spine_edge.cascade import Cascade, CascadeConfig
-from spine_edge.errors import ImageReadError
 from spine_edge.fidelity import ClassifierFidelity, DetectionFidelity, compare_classifier, compare_detections
-from spine_edge.imageio import find_images, read_image
+from spine_edge.imageio import find_images
 from spine_edge.postprocess import Detections
 from spine_edge.results import CascadeResult, decode_scale
 
@@ -272,16 +271,15 @@ def _as_pass(results: Sequence[CascadeResult], keep: Sequence[int], seconds: flo
     )
 
 
-def shifted_full_decodes(paths: Sequence[Path]) -> Iterator[np.ndarray]:
-    """Each image decoded at full size and shifted by one original pixel up and left (last row and column repeated).
+def shifted_images(images: Iterable[np.ndarray | None]) -> Iterator[np.ndarray]:
+    """Each full-size image shifted by one original pixel up and left (last row and column repeated).
 
-    Streams one image at a time (the cascade's read-ahead pulls them). A file that cannot be read
-    gives an empty array, which the cascade records as an error for that image only.
+    The images are the full-decode pass's own (each ``ok`` result keeps the image the cascade saw), so
+    no file is decoded a third time. A missing image gives an empty array, which the cascade records
+    as an error for that image only.
     """
-    for path in paths:
-        try:
-            image = read_image(path).image
-        except ImageReadError:
+    for image in images:
+        if image is None:
             yield np.zeros((0, 0), np.uint8)
             continue
         yield np.pad(image[1:, 1:], ((0, 1), (0, 1)), mode="edge")
@@ -330,9 +328,9 @@ def measure_decode_parity(
     threshold = next((r.threshold for r in full_results if r.threshold is not None), 0.5)
     shift_classifier, shift_detection = None, None
     if shift_baseline and keep:
-        with Cascade.from_config(replace(base, full_resolution=True)) as cascade:
+        with Cascade.from_config(base) as cascade:  # arrays in: no decode, the resolution flag is moot
             shifted = []
-            for result in cascade.predict_many(shifted_full_decodes([Path(paths[i]) for i in keep])):
+            for result in cascade.predict_many(shifted_images(full_results[i].image for i in keep)):
                 shifted.append(result)
                 if progress is not None:
                     progress(1)
