@@ -126,12 +126,23 @@ class OverlapResult:
         return self.serial_rate / self.bound_rate
 
     @property
+    def core_ms_per_image(self) -> dict[str, float] | None:
+        """CPU milliseconds (all threads) one image cost in each pass; None where not measured."""
+        passes = {
+            "decode": self.decode_cpu_seconds,
+            "models": self.models_cpu_seconds,
+            "end_to_end": self.e2e_cpu_seconds,
+        }
+        if self.images == 0 or any(v is None for v in passes.values()):
+            return None
+        return {name: float(v) / self.images * 1e3 for name, v in passes.items() if v is not None}
+
+    @property
     def cores_rate(self) -> float | None:
         """What the cores allow when both stages share them: cores over the core-seconds of one image in both."""
-        if self.decode_cpu_seconds is None or self.models_cpu_seconds is None or self.images == 0:
-            return None
-        per_image = (self.decode_cpu_seconds + self.models_cpu_seconds) / self.images
-        return self.cores / per_image if per_image > 0 else None
+        cost = self.core_ms_per_image
+        per_image_s = None if cost is None else (cost["decode"] + cost["models"]) / 1e3
+        return self.cores / per_image_s if per_image_s else None
 
     @property
     def bound_ratio(self) -> float:
@@ -159,12 +170,8 @@ class OverlapResult:
             "serial_over_slower_stage": round(self.serial_ratio, 3),
             "cores": self.cores,
             "core_ms_per_image": None
-            if self.decode_cpu_seconds is None or self.models_cpu_seconds is None or self.e2e_cpu_seconds is None
-            else {
-                "decode": round(self.decode_cpu_seconds / self.images * 1e3, 1),
-                "models": round(self.models_cpu_seconds / self.images * 1e3, 1),
-                "end_to_end": round(self.e2e_cpu_seconds / self.images * 1e3, 1),
-            },
+            if self.core_ms_per_image is None
+            else {name: round(ms, 1) for name, ms in self.core_ms_per_image.items()},
             "cores_images_per_second": None if self.cores_rate is None else round(self.cores_rate, 2),
             "e2e_over_bound": round(self.bound_ratio, 3),
         }
@@ -177,11 +184,11 @@ class OverlapResult:
             f"{self.ratio:.2f} of the slower stage ({self.bottleneck}); one after the other would give "
             f"{self.serial_ratio:.2f}"
         ]
-        cores = self.cores_rate
-        if cores is not None and self.decode_cpu_seconds is not None and self.models_cpu_seconds is not None:
+        cores, cost = self.cores_rate, self.core_ms_per_image
+        if cores is not None and cost is not None:
             lines.append(
-                f"overlap: the stages cost {self.decode_cpu_seconds / self.images * 1e3:.0f} (decode) + "
-                f"{self.models_cpu_seconds / self.images * 1e3:.0f} (models) core-ms per image, so {self.cores} shared "
+                f"overlap: the stages cost {cost['decode']:.0f} (decode) + {cost['models']:.0f} (models) core-ms "
+                f"per image, so {self.cores} shared "
                 f"cores allow at most {cores:.1f} images/s; end to end reached {self.bound_ratio:.2f} of the tighter "
                 "bound"
             )
