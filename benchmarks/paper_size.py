@@ -952,7 +952,7 @@ def pooled_torch(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     first = rounds[0]
     record: dict[str, Any] = {k: first[k] for k in ("threads", "allocator_pinned", "versions")}
     record["classifier_probs"] = first["classifier_probs"]
-    for module in ("classifier", "detector"):
+    for module in ROLES:
         samples = [r[f"{module}_ms"] for r in rounds]
         record[module] = _spread([ms for s in samples for ms in s])
         record[module]["round_p50_ms"] = [round(float(np.median(s)), 1) for s in samples]
@@ -1083,9 +1083,14 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _rounds_text(medians: Sequence[float]) -> str:
+    """Each round's median, ``2545/3308/2594``."""
+    return "/".join(f"{ms:.0f}" for ms in medians)
+
+
 def _by_round(stats: Mapping[str, Any]) -> str:
     rounds = stats.get("round_p50_ms") or []
-    return f", by round {'/'.join(f'{ms:.0f}' for ms in rounds)}" if len(rounds) > 1 else ""
+    return f", by round {_rounds_text(rounds)}" if len(rounds) > 1 else ""
 
 
 def format_paper_size(report: PaperSizeReport) -> str:
@@ -1115,7 +1120,7 @@ def format_paper_size(report: PaperSizeReport) -> str:
     config = env.get("config", {})
     lines += [
         f"Timing: {config.get('rounds', 1)} interleaved round(s), each timing every graph, the eager modules, the "
-        f"read stage and the ceilings once ({-(-config.get('runs', 0) // max(1, config.get('rounds', 1)))} calls "
+        f"read stage and the ceilings once ({env.get('runs_per_round', '?')} calls "
         "per graph per round, samples pooled); 'p50 by round' shows how much the box drifted.",
         "",
         "| graph | library | precision | GFLOP/img | p50 ms (b1) | p50 by round | GFLOP/s | floor ms | % of peak | "
@@ -1131,7 +1136,7 @@ def format_paper_size(report: PaperSizeReport) -> str:
         cached = "" if run.cached_compile_s is None else f" ({run.cached_compile_s:.2f})"
         lines.append(
             f"| {run.role} | {run.library} | {run.precision} | {_num(run.gflop_per_image, 2)} | "
-            f"{_num(run.latency_ms)} | {'/'.join(f'{ms:.0f}' for ms in run.round_p50_ms) or '–'} | "
+            f"{_num(run.latency_ms)} | {_rounds_text(run.round_p50_ms) or '–'} | "
             f"{_num(run.gflops_per_s)} | {_num(run.floor_ms)} | {_num(share)} | {_num(report.ceiling_share(run))} | "
             f"{_num(largest.images_per_second if largest else None, 2)} (b{largest.batch_size if largest else '–'}) | "
             f"{_num(run.compile_s, 2)}{cached} | {_num(run.peak_rss_mb, 0)} | {_num(run.load_average, 2)} |"
@@ -1275,10 +1280,8 @@ def run_paper_size(config: PaperSizeConfig) -> PaperSizeReport:
     load_before = _load()
     phases: dict[str, dict[str, float]] = {}
     build: dict[str, Any] = {}
-    fp32: dict[Role, Path] = {
-        role: graphs_dir / GRAPH_FILES["fp32"].format(role=role) for role in ("classifier", "detector")
-    }
-    variants = [graphs_dir / GRAPH_FILES[v].format(role=r) for v in GRAPH_FILES for r in ("classifier", "detector")]
+    fp32: dict[Role, Path] = {role: graphs_dir / GRAPH_FILES["fp32"].format(role=role) for role in ROLES}
+    variants = [graphs_dir / GRAPH_FILES[v].format(role=r) for v in GRAPH_FILES for r in ROLES]
     reuse = not config.rebuild and all(p.is_file() for p in variants) and (work / "build.json").is_file()
     if reuse:
         _say(config.progress, f"reusing the graphs in {graphs_dir} (pass rebuild to export again)")
@@ -1296,7 +1299,7 @@ def run_paper_size(config: PaperSizeConfig) -> PaperSizeReport:
     use_openvino, bf16, openvino_note = _openvino_state(config)
     canvases = {
         role: _canvases(role, profile.classifier_size if role == "classifier" else profile.detector_size)
-        for role in ("classifier", "detector")
+        for role in ROLES
     }
     plan = plan_runs(use_openvino, bf16)
     keys = [(role, library, precision, variant) for library, precision, variant in plan for role in ROLES]
@@ -1380,6 +1383,7 @@ def run_paper_size(config: PaperSizeConfig) -> PaperSizeReport:
         "bf16": bf16,
         "reused_graphs": reuse,
         "config": json_safe(replace(config, profile=None)),
+        "runs_per_round": config.runs_per_round,
     }
     return PaperSizeReport(
         note=RANDOM_WEIGHTS_NOTE,
