@@ -121,9 +121,9 @@ class BenchPlan:
 def openvino_bf16() -> bool:
     """Whether OpenVINO is installed here and this CPU computes BF16 (what ``--precision bf16`` needs)."""
     try:
-        from spine_edge.backends.openvino import device_capabilities, import_openvino
+        from spine_edge.backends.openvino import computes_natively, device_capabilities, import_openvino
 
-        return "BF16" in device_capabilities(import_openvino().Core())
+        return computes_natively("bf16", device_capabilities(import_openvino().Core()))
     except (SpineEdgeError, RuntimeError):  # not installed, or no CPU device to ask
         return False
 

@@ -1219,12 +1219,12 @@ def _openvino_state(config: PaperSizeConfig) -> tuple[bool, bool, str]:
     if not config.openvino:
         return False, False, "not asked for"
     try:
-        from spine_edge.backends.openvino import device_capabilities, import_openvino
+        from spine_edge.backends.openvino import computes_natively, device_capabilities, import_openvino
 
         capabilities = device_capabilities(import_openvino().Core())
     except SpineEdgeError as exc:  # not installed, or no CPU device: both mean "skip it", with the reason
         return False, False, str(exc)
-    return True, "BF16" in capabilities, ""
+    return True, computes_natively("bf16", capabilities), ""
 
 
 def library_gemms(threads: int, precisions: Sequence[str], openvino: bool) -> dict[str, dict[str, float]]:

@@ -1088,11 +1088,17 @@ def build_openvino(
         MissingDependencyError: openvino is not installed.
     """
     from spine_edge.backends.onnxruntime import OnnxRuntimeBackend
-    from spine_edge.backends.openvino import OpenVinoBackend, device_capabilities, import_openvino, openvino_cache_dir
+    from spine_edge.backends.openvino import (
+        OpenVinoBackend,
+        computes_natively,
+        device_capabilities,
+        import_openvino,
+        openvino_cache_dir,
+    )
 
     ov = import_openvino()
     version, cpu = str(ov.__version__), cpu_model_name()
-    bf16 = "BF16" in device_capabilities(ov.Core())
+    bf16 = computes_natively("bf16", device_capabilities(ov.Core()))
     threads = config.threads or available_cores()
     outcomes: list[OpenVinoOutcome] = []
     cpu_precisions: tuple[Precision, ...] = ("fp32", "int8")

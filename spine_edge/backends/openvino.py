@@ -98,6 +98,11 @@ def check_device(core: Any, device: str) -> None:
         )
 
 
+def computes_natively(precision: ComputePrecision, capabilities: Sequence[str]) -> bool:
+    """Whether a device with these ``OPTIMIZATION_CAPABILITIES`` computes ``precision`` in its own units."""
+    return _CAPABILITY.get(precision) in capabilities
+
+
 def check_precision_supported(precision: ComputePrecision, capabilities: Sequence[str], device: str = "CPU") -> None:
     """Raise unless the device computes ``precision`` natively.
 
@@ -109,7 +114,7 @@ def check_precision_supported(precision: ComputePrecision, capabilities: Sequenc
         raise BackendError(
             f"unknown OpenVINO compute precision {precision!r}: choose one of {', '.join(COMPUTE_PRECISIONS)}"
         )
-    if _CAPABILITY[precision] not in capabilities:
+    if not computes_natively(precision, capabilities):
         raise BackendError(
             f"this {device} has no native {precision.upper()} (OpenVINO reports {', '.join(capabilities)}): BF16 needs "
             "AVX-512 BF16 or AMX (Intel Xeon 3rd gen+, Core Ultra 200; AMD Zen 4+); use --precision fp32 or int8"
